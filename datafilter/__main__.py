@@ -1,0 +1,3 @@
+from datafilter.cli import main
+
+raise SystemExit(main())

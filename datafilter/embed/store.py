@@ -1,0 +1,162 @@
+"""Where embeddings and CLIP scores live, and the only code that reads or writes them.
+
+Layout, for an embedding *space* (one model; e.g. ``scorer-micro-v1`` or ``ViT-B-32__openai``)::
+
+    POOL/embeddings/SPACE/space.json             model name, checkpoint hash, dim, score column, pool id
+    POOL/embeddings/SPACE/NNNNNNNN_img.npy       float16 [rows, dim], L2-normalised, row-aligned with NNNNNNNN.parquet
+    POOL/embeddings/SPACE/NNNNNNNN_txt.npy       float16 [rows, dim], L2-normalised
+    POOL/embeddings/SPACE/NNNNNNNN_scores.parquet  uid, valid (decoded and embedded), SCORE_COLUMN (cosine similarity)
+
+The scores parquet is written last and marks the shard complete. Rows whose image could not be decoded have
+``valid = False``, a NaN score and NaN vectors: never a silent zero vector that a filter would mistake for data.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datafilter.common.files import atomic_path, read_json, write_json
+from datafilter.pool.pool import Pool, PoolError, Shard
+
+EMBED_DIR = "embeddings"
+SPACE_FILE = "space.json"
+
+
+class EmbeddingError(PoolError):
+    """Embeddings missing, incomplete, or from a different model or pool than expected."""
+
+
+def space_name(model: str, tag: str | None = None) -> str:
+    """A directory-safe name for an embedding space, e.g. ``ViT-B-32__openai``."""
+    raw = f"{model}__{tag}" if tag else model
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
+
+
+@dataclass(frozen=True)
+class SpaceInfo:
+    """What produced a space; stored in ``space.json`` and checked whenever more shards are added."""
+
+    model: str
+    checkpoint: str  # a pretrained tag, a file's sha256, or "" for random weights in tests
+    dim: int
+    score_column: str = "clip_score"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "checkpoint": self.checkpoint, "dim": self.dim, "score_column": self.score_column}
+
+
+class EmbeddingStore:
+    """Read and write one embedding space of one pool."""
+
+    def __init__(self, pool: Pool, space: str):
+        self.pool = pool
+        self.space = space
+        self.dir = pool.path / EMBED_DIR / space
+
+    # --- info ------------------------------------------------------------------------------------------------------
+    @property
+    def info(self) -> SpaceInfo:
+        path = self.dir / SPACE_FILE
+        if not path.exists():
+            raise EmbeddingError(f"no embeddings '{self.space}' for {self.pool.path} ({path} missing); run "
+                                 f"`datafilter embed {self.pool.path}` first")
+        d = read_json(path)
+        return SpaceInfo(d["model"], d["checkpoint"], int(d["dim"]), d.get("score_column", "clip_score"))
+
+    def init(self, info: SpaceInfo) -> None:
+        """Create the space, or check that an existing one was made by the same model and checkpoint."""
+        path = self.dir / SPACE_FILE
+        if path.exists():
+            old = self.info
+            if (old.model, old.checkpoint, old.dim) != (info.model, info.checkpoint, info.dim):
+                raise EmbeddingError(
+                    f"{path} was written by model {old.model} (checkpoint {old.checkpoint[:16] or 'none'}, dim "
+                    f"{old.dim}); refusing to mix in {info.model} (checkpoint {info.checkpoint[:16] or 'none'}, dim "
+                    f"{info.dim}). Use another space name or delete {self.dir}.")
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(path, {**info.to_json(), "pool": str(self.pool.path)})
+
+    # --- per shard -------------------------------------------------------------------------------------------------
+    def paths(self, shard: Shard) -> tuple[Path, Path, Path]:
+        d = self.dir
+        return d / f"{shard.name}_img.npy", d / f"{shard.name}_txt.npy", d / f"{shard.name}_scores.parquet"
+
+    def done(self, shard: Shard) -> bool:
+        return self.paths(shard)[2].exists()
+
+    def missing(self) -> list[Shard]:
+        return [s for s in self.pool.shards if not self.done(s)]
+
+    def write_shard(self, shard: Shard, uids: list[str], image: np.ndarray, text: np.ndarray,
+                    valid: np.ndarray) -> None:
+        """Write one shard's vectors and scores; rows must follow the shard's parquet exactly."""
+        n = shard.num_samples
+        if not (len(uids) == len(image) == len(text) == len(valid) == n):
+            raise EmbeddingError(f"shard {shard.name}: {len(image)} embeddings for {n} parquet rows")
+        info = self.info
+        image = image.astype(np.float32)
+        text = text.astype(np.float32)
+        image[~valid] = np.nan
+        text[~valid] = np.nan
+        score = np.einsum("nd,nd->n", image, text)
+        img_p, txt_p, scores_p = self.paths(shard)
+        for path, arr in ((img_p, image), (txt_p, text)):
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, arr.astype(np.float16))
+        table = pa.table({"uid": pa.array(uids, pa.string()), "valid": pa.array(valid, pa.bool_()),
+                          info.score_column: pa.array(score.astype(np.float32), pa.float32())})
+        with atomic_path(scores_p) as tmp:
+            pq.write_table(table, tmp)
+
+    def image(self, shard: Shard) -> np.ndarray:
+        return self._load(shard, 0)
+
+    def text(self, shard: Shard) -> np.ndarray:
+        return self._load(shard, 1)
+
+    def scores(self, shard: Shard) -> pa.Table:
+        self._require(shard)
+        return pq.read_table(self.paths(shard)[2])
+
+    def _require(self, shard: Shard) -> None:
+        if not self.done(shard):
+            raise EmbeddingError(f"shard {shard.name} of {self.pool.path} has no embeddings in space "
+                                 f"'{self.space}' ({self.paths(shard)[2]} missing)")
+
+    def _load(self, shard: Shard, which: int) -> np.ndarray:
+        self._require(shard)
+        path = self.paths(shard)[which]
+        arr = np.load(path, mmap_mode="r")
+        if arr.shape[0] != shard.num_samples:
+            raise EmbeddingError(f"{path}: {arr.shape[0]} rows but {shard.parquet.name} has {shard.num_samples}")
+        return arr
+
+    # --- whole pool ------------------------------------------------------------------------------------------------
+    def _concat(self, which: int) -> np.ndarray:
+        parts = [self._load(s, which) for s in self.pool.shards]
+        if len(parts) == 1:
+            return parts[0]
+        out = np.empty((self.pool.num_samples, parts[0].shape[1]), dtype=np.float16)
+        for s, part, lo in zip(self.pool.shards, parts, self.pool.offsets[:-1]):
+            out[lo : lo + len(part)] = part
+        return out
+
+    def all_image(self) -> np.ndarray:
+        """Image embeddings of the whole pool in pool order (memory-mapped when the pool has one shard)."""
+        return self._concat(0)
+
+    def all_text(self) -> np.ndarray:
+        return self._concat(1)
+
+    def all_scores(self) -> pa.Table:
+        """uid, valid and the score column for the whole pool, in pool order."""
+        return pa.concat_tables([self.scores(s) for s in self.pool.shards])

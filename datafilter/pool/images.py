@@ -1,0 +1,112 @@
+"""Decode, check, resize and re-encode one image, or say exactly why not.
+
+Every rejection is a ``SkipSample`` with a short machine-readable reason; the shard writer counts reasons so that
+input = written + skipped always holds.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+# A truncated file must be rejected, not padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class SkipSample(Exception):
+    """A sample that cannot be kept; ``reason`` is counted in the shard's stats."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How images are stored in a pool (DataComp resizes to 512 on the longer side and keeps the aspect ratio)."""
+
+    max_side: int = 512
+    encode_format: str = "jpg"  # jpg | png | webp
+    quality: int = 95
+    max_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
+    min_side: int = 1
+
+    def __post_init__(self) -> None:
+        if self.encode_format not in ("jpg", "png", "webp"):
+            raise ValueError(f"encode_format must be jpg, png or webp, not {self.encode_format!r}")
+        if self.max_side < 1:
+            raise ValueError("max_side must be positive")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    ext: str
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+
+
+_PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def open_image(data: bytes, max_pixels: int = ImageConfig.max_pixels) -> Image.Image:
+    """Decode ``data`` fully, rejecting empty, undecodable, truncated and oversized images."""
+    if not data:
+        raise SkipSample("empty_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise SkipSample("image_too_large", f"{w}x{h}")
+            img.load()
+    except SkipSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise SkipSample("image_too_large", str(exc)) from None
+    except UnidentifiedImageError:
+        raise SkipSample("undecodable_image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = "truncated_image" if "truncated" in str(exc).lower() else "undecodable_image"
+        raise SkipSample(reason, str(exc)) from None
+    return img
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Flatten transparency onto ``background`` (icons and clip art are mostly transparent) and convert to RGB."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, background)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return img.convert("RGB")
+
+
+def encode_image(img: Image.Image, cfg: ImageConfig) -> bytes:
+    buf = io.BytesIO()
+    kwargs = {"quality": cfg.quality} if cfg.encode_format in ("jpg", "webp") else {"optimize": False}
+    if cfg.encode_format == "webp" and cfg.quality >= 100:
+        kwargs = {"lossless": True}
+    img.save(buf, format=_PIL_FORMAT[cfg.encode_format], **kwargs)
+    return buf.getvalue()
+
+
+def process_image(data: bytes, cfg: ImageConfig) -> EncodedImage:
+    """Decode, validate, downscale (never upscale) to ``cfg.max_side`` keeping the ratio, and re-encode."""
+    img = open_image(data, cfg.max_pixels)
+    ow, oh = img.size
+    if min(ow, oh) < cfg.min_side:
+        raise SkipSample("image_too_small", f"{ow}x{oh}")
+    img = to_rgb(img)
+    scale = cfg.max_side / max(ow, oh)
+    if scale < 1:
+        size = (max(1, round(ow * scale)), max(1, round(oh * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return EncodedImage(encode_image(img, cfg), cfg.encode_format, img.width, img.height, ow, oh)

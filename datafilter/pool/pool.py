@@ -1,0 +1,225 @@
+"""``Pool``: the read side of the Pool format, the type every later stage starts from."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datafilter.common.files import read_json, stable_hash
+from datafilter.pool.format import IMAGE_EXTS, STATS_SUFFIX, shard_paths
+from datafilter.pool.uid import hex_to_uids, uids_to_hex
+
+log = logging.getLogger(__name__)
+
+
+class PoolError(RuntimeError):
+    """A structural problem with a pool directory (missing files, mismatched counts)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    tar: Path
+    parquet: Path
+    stats: Path
+    num_samples: int
+
+    def read_stats(self) -> dict[str, Any]:
+        return read_json(self.stats) if self.stats.exists() else {}
+
+
+@dataclass(frozen=True)
+class Sample:
+    uid: str
+    key: str
+    text: str
+    image: bytes
+    ext: str
+    meta: dict[str, Any]
+
+
+class Pool:
+    """A directory of shards. Metadata is read lazily, column by column; images only when iterated.
+
+    >>> pool = Pool("my_pool")                     # doctest: +SKIP
+    >>> pool.num_samples, pool.column("text")[:3]  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise PoolError(f"pool directory not found: {self.path}")
+        self.shards = self._find_shards()
+        if not self.shards:
+            raise PoolError(f"no shards in {self.path} (expected NNNNNNNN.tar with NNNNNNNN.parquet beside it)")
+
+    def _find_shards(self) -> list[Shard]:
+        shards = []
+        for parquet in sorted(self.path.glob("*.parquet")):
+            name = parquet.stem
+            if not name.isdigit():
+                continue
+            tar, _, stats = shard_paths(self.path, name)
+            if not tar.exists():
+                raise PoolError(f"{parquet} has no tar beside it ({tar.name} missing)")
+            rows = pq.ParquetFile(parquet).metadata.num_rows
+            shards.append(Shard(name, tar, parquet, stats, rows))
+        orphans = {p.stem for p in self.path.glob("*.tar") if p.stem.isdigit()} - {s.name for s in shards}
+        if orphans:
+            log.warning("%s: %d tar(s) without parquet (not indexed yet?): %s", self.path, len(orphans),
+                        ", ".join(sorted(orphans)[:5]))
+        return shards
+
+    def __repr__(self) -> str:
+        return f"Pool({str(self.path)!r}, shards={len(self.shards)}, samples={self.num_samples})"
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """Row offset of each shard in pool order (length ``len(shards) + 1``)."""
+        return np.concatenate([[0], np.cumsum([s.num_samples for s in self.shards])]).astype(np.int64)
+
+    def shard(self, name: str) -> Shard:
+        for s in self.shards:
+            if s.name == name:
+                return s
+        raise KeyError(f"no shard {name!r} in {self.path}")
+
+    # --- metadata -------------------------------------------------------------------------------------------------
+    def columns(self) -> list[str]:
+        return list(pq.read_schema(self.shards[0].parquet).names)
+
+    def metadata(self, columns: Sequence[str] | None = None, shards: Sequence[Shard] | None = None) -> pa.Table:
+        """The named columns of the chosen shards (default: all), concatenated in pool order."""
+        tables = []
+        for s in shards or self.shards:
+            try:
+                tables.append(pq.read_table(s.parquet, columns=list(columns) if columns else None))
+            except (pa.ArrowInvalid, KeyError) as exc:
+                raise PoolError(f"{s.parquet}: {exc}") from None
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def column(self, name: str) -> np.ndarray:
+        return self.metadata([name]).column(name).to_numpy(zero_copy_only=False)
+
+    @cached_property
+    def uids(self) -> np.ndarray:
+        """All uids in pool order as ``u8,u8``."""
+        return hex_to_uids(self.metadata(["uid"]).column("uid").to_pylist())
+
+    @cached_property
+    def _uid_index(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.lexsort((self.uids["f1"], self.uids["f0"]))
+        return self.uids[order], order
+
+    def rows_of(self, uids: np.ndarray) -> np.ndarray:
+        """Pool row of each uid (``u8,u8`` array); -1 where the uid is not in the pool."""
+        sorted_uids, order = self._uid_index
+        pos = np.searchsorted(sorted_uids, uids)
+        pos_c = np.minimum(pos, len(sorted_uids) - 1)
+        found = (len(sorted_uids) > 0) & (sorted_uids[pos_c] == uids)
+        return np.where(found, order[pos_c], -1)
+
+    def lookup(self, uid: str) -> dict[str, Any]:
+        """The metadata row of one uid (32 hex chars), with its shard name and row within the shard."""
+        row = int(self.rows_of(hex_to_uids([uid]))[0])
+        if row < 0:
+            raise KeyError(f"uid {uid} not in {self.path}")
+        si = int(np.searchsorted(self.offsets, row, side="right") - 1)
+        shard = self.shards[si]
+        local = row - int(self.offsets[si])
+        rec = pq.read_table(shard.parquet).slice(local, 1).to_pylist()[0]
+        return {**rec, "shard": shard.name, "row": local}
+
+    # --- samples ---------------------------------------------------------------------------------------------------
+    def iter_samples(self, shards: Sequence[Shard] | None = None) -> Iterator[Sample]:
+        """Samples in pool order (tar order equals parquet order); checks the two agree."""
+        for s in shards or self.shards:
+            yield from iter_shard(s)
+
+    # --- summary ---------------------------------------------------------------------------------------------------
+    @cached_property
+    def pool_id(self) -> str:
+        """A short content id: the hash of the shard names, sizes and uid list."""
+        return stable_hash([(s.name, s.num_samples) for s in self.shards] + [uids_to_hex(self.uids[:1])])
+
+    def summary(self) -> dict[str, Any]:
+        skipped: dict[str, int] = {}
+        written = inputs = nbytes = 0
+        incomplete = []
+        for s in self.shards:
+            st = s.read_stats()
+            if not st:
+                incomplete.append(s.name)
+            for reason, n in (st.get("skipped") or {}).items():
+                skipped[reason] = skipped.get(reason, 0) + int(n)
+            written += s.num_samples
+            inputs += int(st.get("input", st.get("count", s.num_samples)))
+            nbytes += s.tar.stat().st_size
+        return {
+            "path": str(self.path),
+            "shards": len(self.shards),
+            "samples": written,
+            "input": inputs,
+            "skipped": dict(sorted(skipped.items(), key=lambda kv: -kv[1])),
+            "skipped_total": sum(skipped.values()),
+            "bytes": nbytes,
+            "shards_without_stats": incomplete,
+            "columns": self.columns(),
+        }
+
+
+def iter_shard(shard: Shard) -> Iterator[Sample]:
+    """Read one shard's tar, grouped by key, aligned with its parquet rows."""
+    table = pq.read_table(shard.parquet)
+    rows = table.to_pylist()
+    by_key = {r["key"]: r for r in rows}
+    emitted = 0
+    try:
+        with tarfile.open(shard.tar, "r") as tf:
+            for key, files in _group_members(tf):
+                if key not in by_key:
+                    continue
+                ext = next((e for e in IMAGE_EXTS if e in files), None)
+                if ext is None:
+                    raise PoolError(f"{shard.tar}: sample {key} has no image")
+                row = by_key[key]
+                meta = json.loads(files["json"]) if "json" in files else {}
+                text = files["txt"].decode("utf-8") if "txt" in files else row.get("text", "")
+                yield Sample(row["uid"], key, text, files[ext], ext, meta)
+                emitted += 1
+    except (tarfile.TarError, EOFError) as exc:
+        raise PoolError(f"{shard.tar}: unreadable tar ({exc})") from None
+    if emitted != len(rows):
+        raise PoolError(f"{shard.tar}: {emitted} samples in the tar but {len(rows)} rows in {shard.parquet.name}")
+
+
+def _group_members(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) for consecutive tar members that share a key (WebDataset grouping)."""
+    key, files = None, {}
+    for m in tf:
+        if not m.isfile():
+            continue
+        base = m.name.rsplit("/", 1)[-1]
+        k, _, ext = base.partition(".")
+        if k != key and key is not None:
+            yield key, files
+            files = {}
+        key = k
+        f = tf.extractfile(m)
+        files[ext.lower()] = f.read() if f else b""
+    if key is not None:
+        yield key, files
+

@@ -1,0 +1,60 @@
+"""128-bit sample ids: 32 hex characters on disk, numpy ``dtype("u8,u8")`` (high, low) in memory.
+
+This is DataComp's convention: subset files are sorted arrays of this dtype, and a sorted array can be searched with
+``np.searchsorted`` because numpy orders structured scalars field by field (high first, then low).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+import numpy as np
+
+UID_DTYPE = np.dtype("u8,u8")
+
+
+def make_uid(*parts: str | bytes) -> str:
+    """A stable uid for a sample from the parts that identify it (same parts, same uid, on any machine).
+
+    Parts are length-prefixed before hashing so that ("ab", "c") and ("a", "bc") differ.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        b = part.encode("utf-8") if isinstance(part, str) else bytes(part)
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def hex_to_uids(hexes: Iterable[str]) -> np.ndarray:
+    """Convert 32-hex-character uids to a ``u8,u8`` array (same order)."""
+    hexes = list(hexes)
+    out = np.empty(len(hexes), dtype=UID_DTYPE)
+    if not hexes:
+        return out
+    bad = [h for h in hexes[:1000] if not isinstance(h, str) or len(h) != 32]
+    if bad:
+        raise ValueError(f"uids must be 32 hex characters, got {bad[0]!r}")
+    try:
+        out["f0"] = [int(h[:16], 16) for h in hexes]
+        out["f1"] = [int(h[16:], 16) for h in hexes]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"uids must be 32 hex characters: {exc}") from None
+    return out
+
+
+def uids_to_hex(uids: np.ndarray) -> list[str]:
+    return [f"{int(hi):016x}{int(lo):016x}" for hi, lo in zip(uids["f0"], uids["f1"])]
+
+
+def is_sorted(uids: np.ndarray) -> bool:
+    if len(uids) < 2:
+        return True
+    hi, lo = uids["f0"], uids["f1"]
+    return bool(np.all((hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] >= lo[:-1]))))
+
+
+def sort_uids(uids: np.ndarray) -> np.ndarray:
+    order = np.lexsort((uids["f1"], uids["f0"]))
+    return uids[order]
