@@ -1,0 +1,163 @@
+"""Create and load CLIP models: by open_clip name with a pretrained tag, from a local checkpoint, or freshly initialised.
+
+The project's small architectures (``datafilter-*-vit``) are open_clip configs shipped in ``configs/``; registering
+them with open_clip means every open_clip tool (tokenizer, transforms, loss) works on them unchanged.
+Checkpoints are always read with ``weights_only=True``: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from datafilter import __version__
+from datafilter.common.files import atomic_path, sha256_file
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+PROJECT_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+CHECKPOINT_FORMAT = "datafilter-clip-checkpoint-v1"
+
+_registered = False
+
+
+def _register_project_configs() -> None:
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used with the requested model."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to use. At most one of ``pretrained`` (an open_clip tag; downloads) and ``checkpoint`` (a file)."""
+
+    name: str
+    pretrained: str | None = None
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pretrained and self.checkpoint:
+            raise ValueError("give either a pretrained tag or a checkpoint path, not both")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    preprocess: Callable  # PIL image -> tensor, the model's own evaluation transform
+    tokenizer: Callable  # list[str] -> LongTensor
+    name: str
+    checkpoint_id: str  # "pretrained:TAG", the checkpoint file's sha256, or "random:SEED"
+    embed_dim: int
+    image_size: int
+    meta: dict[str, Any]
+    device: torch.device
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.model.encode_image(images.to(self.device)).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)
+        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """``auto`` takes the GPU when there is one."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def create_model(name: str, seed: int = 0, pretrained: str | None = None, device: str | torch.device = "cpu"):
+    """A fresh model (seeded) or one with open_clip pretrained weights; returns (model, train_tf, eval_tf, tokenizer)."""
+    import open_clip
+
+    _register_project_configs()
+    if name not in open_clip.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}")
+    torch.manual_seed(seed)
+    model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    return model, train_tf, eval_tf, open_clip.get_tokenizer(name)
+
+
+def _model_dims(model: torch.nn.Module) -> tuple[int, int]:
+    visual = model.visual
+    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    return int(model.text_projection.shape[1] if hasattr(model, "text_projection") and model.text_projection is not None
+               else visual.output_dim), int(size)
+
+
+def save_checkpoint(model: torch.nn.Module, name: str, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint that ``load_model`` verifies against the model name. Atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"format": CHECKPOINT_FORMAT, "model_name": name, "datafilter_version": __version__,
+               "state_dict": state, "meta": meta or {}}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def _read_checkpoint(path: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickles with code, truncated files, non-torch files
+        raise CheckpointError(f"{path}: not a loadable weights-only checkpoint ({type(exc).__name__}: {exc})") from None
+    meta: dict[str, Any] = {}
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        if payload["model_name"] != name:
+            raise CheckpointError(f"{path} holds a {payload['model_name']!r} model, not {name!r}")
+        state, meta = payload["state_dict"], dict(payload.get("meta") or {})
+    elif isinstance(payload, dict) and "state_dict" in payload:  # open_clip training checkpoints
+        state = payload["state_dict"]
+    elif isinstance(payload, dict):
+        state = payload
+    else:
+        raise CheckpointError(f"{path}: expected a state dict, found {type(payload).__name__}")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state, meta
+
+
+def load_model(spec: ModelSpec, device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
+    """Load a model for inference (eval mode) and say exactly which weights it has."""
+    device = torch.device(device)
+    model, _, eval_tf, tokenizer = create_model(spec.name, seed=seed, pretrained=spec.pretrained, device="cpu")
+    meta: dict[str, Any] = {}
+    if spec.checkpoint:
+        path = Path(spec.checkpoint)
+        state, meta = _read_checkpoint(path, spec.name)
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(
+                f"{path} does not fit model {spec.name!r}: {len(result.missing_keys)} missing keys (e.g. "
+                f"{result.missing_keys[:3]}), {len(result.unexpected_keys)} unexpected (e.g. "
+                f"{result.unexpected_keys[:3]})")
+        checkpoint_id = sha256_file(path)
+    elif spec.pretrained:
+        checkpoint_id = f"pretrained:{spec.pretrained}"
+    else:
+        checkpoint_id = f"random:{seed}"
+        log.warning("model %s has random weights (no checkpoint or pretrained tag given)", spec.name)
+    model = model.to(device).eval()
+    dim, size = _model_dims(model)
+    return LoadedModel(model, eval_tf, tokenizer, spec.name, checkpoint_id, dim, size, meta, device)
