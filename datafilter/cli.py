@@ -16,6 +16,11 @@ from datafilter.common.log import setup_logging
 # Modules with a ``register(commands: Commands)`` function, in the order the pipeline runs.
 STAGES = (
     "datafilter.pool.cli",
+    "datafilter.micro.cli",
+    "datafilter.embed.cli",
+    "datafilter.filters.cli",
+    "datafilter.train.cli",
+    "datafilter.evaluate.cli",
 )
 
 log = logging.getLogger("datafilter")

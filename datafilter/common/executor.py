@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +46,11 @@ class ShardJobError(RuntimeError):
 def _limit_threads(threads: int) -> None:
     # Several workers that each use every core slow each other down badly on small machines.
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    try:
-        import torch
-
+    # torch sizes its thread pool from OMP_NUM_THREADS when imported; importing it here would cost seconds per worker
+    # for jobs that never use it (ingest), so only an already imported torch is told directly.
+    torch = sys.modules.get("torch")
+    if torch is not None:
         torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover - torch is a dependency, but ingest does not need it
-        pass
 
 
 def run_shard_jobs(

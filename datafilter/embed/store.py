@@ -6,6 +6,9 @@ Layout, for an embedding *space* (one model; e.g. ``scorer-micro-v1`` or ``ViT-B
     POOL/embeddings/SPACE/NNNNNNNN_img.npy       float16 [rows, dim], L2-normalised, row-aligned with NNNNNNNN.parquet
     POOL/embeddings/SPACE/NNNNNNNN_txt.npy       float16 [rows, dim], L2-normalised
     POOL/embeddings/SPACE/NNNNNNNN_scores.parquet  uid, valid (decoded and embedded), SCORE_COLUMN (cosine similarity)
+    POOL/embeddings/SPACE/NNNNNNNN_stats.json    rows, valid rows, invalid rows counted by reason
+    POOL/embeddings/SPACE/reference/NAME.npy     a reference set's image embeddings (float16, L2-normalised)
+    POOL/embeddings/SPACE/reference/NAME_labels.npy  its class labels (int64), row-aligned
 
 The scores parquet is written last and marks the shard complete. Rows whose image could not be decoded have
 ``valid = False``, a NaN score and NaN vectors: never a silent zero vector that a filter would mistake for data.
@@ -27,6 +30,7 @@ from datafilter.pool.pool import Pool, PoolError, Shard
 
 EMBED_DIR = "embeddings"
 SPACE_FILE = "space.json"
+REFERENCE_DIR = "reference"
 
 
 class EmbeddingError(PoolError):
@@ -89,6 +93,15 @@ class EmbeddingStore:
         d = self.dir
         return d / f"{shard.name}_img.npy", d / f"{shard.name}_txt.npy", d / f"{shard.name}_scores.parquet"
 
+    def stats_path(self, shard: Shard) -> Path:
+        return self.dir / f"{shard.name}_stats.json"
+
+    def shard_stats(self, shard: Shard) -> dict[str, Any]:
+        """Row counts of a finished shard: ``rows``, ``valid``, ``invalid`` ({reason: count})."""
+        self._require(shard)
+        path = self.stats_path(shard)
+        return read_json(path) if path.exists() else {}
+
     def done(self, shard: Shard) -> bool:
         return self.paths(shard)[2].exists()
 
@@ -96,8 +109,8 @@ class EmbeddingStore:
         return [s for s in self.pool.shards if not self.done(s)]
 
     def write_shard(self, shard: Shard, uids: list[str], image: np.ndarray, text: np.ndarray,
-                    valid: np.ndarray) -> None:
-        """Write one shard's vectors and scores; rows must follow the shard's parquet exactly."""
+                    valid: np.ndarray, stats: dict[str, Any] | None = None) -> None:
+        """Write one shard's vectors, its ``stats`` (if given) and scores; rows must follow the shard's parquet."""
         n = shard.num_samples
         if not (len(uids) == len(image) == len(text) == len(valid) == n):
             raise EmbeddingError(f"shard {shard.name}: {len(image)} embeddings for {n} parquet rows")
@@ -112,6 +125,8 @@ class EmbeddingStore:
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, arr.astype(np.float16))
+        if stats is not None:
+            write_json(self.stats_path(shard), stats)
         table = pa.table({"uid": pa.array(uids, pa.string()), "valid": pa.array(valid, pa.bool_()),
                           info.score_column: pa.array(score.astype(np.float32), pa.float32())})
         with atomic_path(scores_p) as tmp:
@@ -139,6 +154,43 @@ class EmbeddingStore:
         if arr.shape[0] != shard.num_samples:
             raise EmbeddingError(f"{path}: {arr.shape[0]} rows but {shard.parquet.name} has {shard.num_samples}")
         return arr
+
+    # --- reference sets (e.g. ImageNet train for the image-based filter) ------------------------------------------
+    def reference_paths(self, name: str) -> tuple[Path, Path, Path]:
+        """(embeddings, labels, stats) of reference set ``name``; the embeddings file is written last."""
+        d = self.dir / REFERENCE_DIR
+        return d / f"{name}.npy", d / f"{name}_labels.npy", d / f"{name}.json"
+
+    def has_reference(self, name: str) -> bool:
+        return self.reference_paths(name)[0].exists()
+
+    def references(self) -> list[str]:
+        return sorted(p.stem for p in (self.dir / REFERENCE_DIR).glob("*.npy") if not p.stem.endswith("_labels"))
+
+    def write_reference(self, name: str, image: np.ndarray, labels: np.ndarray, stats: dict[str, Any]) -> None:
+        if len(image) != len(labels):
+            raise EmbeddingError(f"reference set {name}: {len(image)} embeddings for {len(labels)} labels")
+        emb_p, lab_p, stats_p = self.reference_paths(name)
+        emb_p.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(lab_p) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(labels, np.int64))
+        write_json(stats_p, stats)
+        with atomic_path(emb_p) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(image, np.float16))
+
+    def reference(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A reference set's image embeddings (float16, memory-mapped) and int64 labels."""
+        emb_p, lab_p, _ = self.reference_paths(name)
+        if not emb_p.exists():
+            have = ", ".join(self.references()) or "none"
+            raise EmbeddingError(f"no reference set '{name}' in space '{self.space}' ({emb_p} missing; have: {have}); "
+                                 f"run `datafilter embed {self.pool.path} --reference SUITE_DIR` first")
+        emb, labels = np.load(emb_p, mmap_mode="r"), np.load(lab_p)
+        if len(emb) != len(labels):
+            raise EmbeddingError(f"{emb_p}: {len(emb)} rows but {lab_p.name} has {len(labels)}")
+        return emb, labels
 
     # --- whole pool ------------------------------------------------------------------------------------------------
     def _concat(self, which: int) -> np.ndarray:

@@ -11,8 +11,9 @@ from datafilter.models.loading import (
     create_model,
     load_model,
     pick_device,
+    read_checkpoint,
     save_checkpoint,
 )
 
 __all__ = ["PROJECT_MODELS", "CheckpointError", "LoadedModel", "ModelSpec", "create_model", "load_model",
-           "pick_device", "save_checkpoint"]
+           "pick_device", "read_checkpoint", "save_checkpoint"]

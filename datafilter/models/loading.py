@@ -138,6 +138,11 @@ def _read_checkpoint(path: Path, name: str) -> tuple[dict[str, torch.Tensor], di
     return state, meta
 
 
+def read_checkpoint(path: str | Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, meta) of a checkpoint for model ``name``, read weights-only; a name mismatch is an error."""
+    return _read_checkpoint(Path(path), name)
+
+
 def load_model(spec: ModelSpec, device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
     """Load a model for inference (eval mode) and say exactly which weights it has."""
     device = torch.device(device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -96,10 +97,14 @@ class ShardWriter:
     caption_cfg: CaptionConfig = field(default_factory=CaptionConfig)
     key_digits: int = 4
     reprocess: bool = True
+    name: str | None = None  # default ``shard_name(index)``; indexing keeps an existing shard's own name
+    # Indexing an existing tar whose samples are all kept, under their own keys: ``add`` records rows only and
+    # ``close`` keeps that tar's bytes (copied here if it lives elsewhere), so nothing is buffered or rewritten.
+    keep_tar: Path | None = None
 
     def __post_init__(self) -> None:
         self.pool_dir = Path(self.pool_dir)
-        self.name = shard_name(self.index)
+        self.name = self.name or shard_name(self.index)
         self._tar = io.BytesIO()
         self._tf = tarfile.open(fileobj=self._tar, mode="w", format=tarfile.USTAR_FORMAT)
         self._rows: list[dict[str, Any]] = []
@@ -112,11 +117,11 @@ class ShardWriter:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def add(self, image: bytes, caption: str | bytes | None, uid: str, source: dict[str, Any] | None = None,
-            ext: str | None = None) -> str | None:
+            ext: str | None = None, key: str | None = None) -> str | None:
         """Add one sample. ``uid`` is computed by the source (see ``uid.make_uid``) so it stays stable.
 
         With ``reprocess=False`` the image bytes are stored as they are (``ext`` required): used when indexing shards
-        that were already resized by their producer.
+        that were already resized by their producer, which also pass their own ``key`` so rows match their tar.
         """
         try:
             text = check_caption(caption, self.caption_cfg)
@@ -134,7 +139,7 @@ class ShardWriter:
             self.skip(exc.reason)
             return None
         self.seen += 1
-        key = f"{self.name}{len(self._rows):0{self.key_digits}d}"
+        key = key or f"{self.name}{len(self._rows):0{self.key_digits}d}"
         source = dict(source or {})
         for name in CORE_COLUMNS:
             source.pop(name, None)
@@ -149,9 +154,10 @@ class ShardWriter:
             "sha256": hashlib.sha256(image).hexdigest(),
             **source,
         }
-        sample_json = json.dumps(row, ensure_ascii=False, sort_keys=False, default=str).encode()
-        for suffix, payload in ((ext, data), ("txt", text.encode("utf-8")), ("json", sample_json)):
-            self._tf.addfile(_tarinfo(f"{key}.{suffix}", len(payload)), io.BytesIO(payload))
+        if self.keep_tar is None:
+            sample_json = json.dumps(row, ensure_ascii=False, sort_keys=False, default=str).encode()
+            for suffix, payload in ((ext, data), ("txt", text.encode("utf-8")), ("json", sample_json)):
+                self._tf.addfile(_tarinfo(f"{key}.{suffix}", len(payload)), io.BytesIO(payload))
         self._rows.append(row)
         return uid
 
@@ -163,8 +169,12 @@ class ShardWriter:
         """Write the shard's three files; the stats file goes last, so it marks completion."""
         self._tf.close()
         tar_path, parquet_path, stats_path = shard_paths(self.pool_dir, self.name)
-        with atomic_path(tar_path) as tmp:
-            tmp.write_bytes(self._tar.getvalue())
+        if self.keep_tar is None:
+            with atomic_path(tar_path) as tmp:
+                tmp.write_bytes(self._tar.getvalue())
+        elif Path(self.keep_tar).resolve() != tar_path.resolve():
+            with atomic_path(tar_path) as tmp:
+                shutil.copyfile(self.keep_tar, tmp)
         table = rows_to_table(self._rows)
         with atomic_path(parquet_path) as tmp:
             pq.write_table(table, tmp, compression="zstd")

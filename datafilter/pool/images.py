@@ -7,6 +7,7 @@ input = written + skipped always holds.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ class SkipSample(Exception):
         self.detail = detail
 
 
+_RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "area": Image.Resampling.BOX, "bicubic": Image.Resampling.BICUBIC}
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """How images are stored in a pool (DataComp resizes to 512 on the longer side and keeps the aspect ratio)."""
@@ -34,10 +38,15 @@ class ImageConfig:
     quality: int = 95
     max_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
     min_side: int = 1
+    # Downscaling filter. "area" averages source pixels (img2dataset's and so DataComp's INTER_AREA) and is about 4x
+    # faster than "lanczos", which matters when ingesting millions of images.
+    resample: str = "lanczos"  # lanczos | area | bicubic
 
     def __post_init__(self) -> None:
         if self.encode_format not in ("jpg", "png", "webp"):
             raise ValueError(f"encode_format must be jpg, png or webp, not {self.encode_format!r}")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"resample must be one of {', '.join(_RESAMPLE)}, not {self.resample!r}")
         if self.max_side < 1:
             raise ValueError("max_side must be positive")
 
@@ -55,8 +64,13 @@ class EncodedImage:
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
-def open_image(data: bytes, max_pixels: int = ImageConfig.max_pixels) -> Image.Image:
-    """Decode ``data`` fully, rejecting empty, undecodable, truncated and oversized images."""
+def open_image(data: bytes, max_pixels: int = ImageConfig.max_pixels, reduce_to: int = 0) -> Image.Image:
+    """Decode ``data`` fully, rejecting empty, undecodable, truncated and oversized images.
+
+    With ``reduce_to``, a JPEG at least twice that long on its longer side is decoded at 1/2, 1/4 or 1/8 scale (libjpeg
+    averages in the DCT domain), never below ``reduce_to``: several times faster when a downscale follows anyway.
+    ``img.info["original_size"]`` keeps the size before that.
+    """
     if not data:
         raise SkipSample("empty_image")
     try:
@@ -66,6 +80,10 @@ def open_image(data: bytes, max_pixels: int = ImageConfig.max_pixels) -> Image.I
             w, h = img.size
             if w * h > max_pixels:
                 raise SkipSample("image_too_large", f"{w}x{h}")
+            if reduce_to and img.format == "JPEG" and max(w, h) >= 2 * reduce_to:
+                scale = reduce_to / max(w, h)
+                img.draft(img.mode, (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
+            img.info["original_size"] = (w, h)
             img.load()
     except SkipSample:
         raise
@@ -100,13 +118,14 @@ def encode_image(img: Image.Image, cfg: ImageConfig) -> bytes:
 
 def process_image(data: bytes, cfg: ImageConfig) -> EncodedImage:
     """Decode, validate, downscale (never upscale) to ``cfg.max_side`` keeping the ratio, and re-encode."""
-    img = open_image(data, cfg.max_pixels)
-    ow, oh = img.size
+    # the fast path: "area" averages pixels, and so does decoding a large JPEG at reduced scale
+    img = open_image(data, cfg.max_pixels, reduce_to=cfg.max_side if cfg.resample == "area" else 0)
+    ow, oh = img.info.get("original_size", img.size)
     if min(ow, oh) < cfg.min_side:
         raise SkipSample("image_too_small", f"{ow}x{oh}")
     img = to_rgb(img)
     scale = cfg.max_side / max(ow, oh)
     if scale < 1:
         size = (max(1, round(ow * scale)), max(1, round(oh * scale)))
-        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        img = img.resize(size, _RESAMPLE[cfg.resample], reducing_gap=3.0)
     return EncodedImage(encode_image(img, cfg), cfg.encode_format, img.width, img.height, ow, oh)

@@ -99,12 +99,20 @@ class Pool:
 
     # --- metadata -------------------------------------------------------------------------------------------------
     def columns(self) -> list[str]:
-        return list(pq.read_schema(self.shards[0].parquet).names)
+        # the first non-empty shard: an empty one may lack the source's own columns
+        first = next((s for s in self.shards if s.num_samples), self.shards[0])
+        return list(pq.read_schema(first.parquet).names)
 
     def metadata(self, columns: Sequence[str] | None = None, shards: Sequence[Shard] | None = None) -> pa.Table:
         """The named columns of the chosen shards (default: all), concatenated in pool order."""
         tables = []
         for s in shards or self.shards:
+            if columns and s.num_samples == 0:
+                # a shard whose every sample was skipped has only the core columns; it adds no rows, only a schema
+                have = set(pq.read_schema(s.parquet).names)
+                tables.append(pa.table({c: pq.read_table(s.parquet, columns=[c]).column(c) if c in have
+                                        else pa.nulls(0) for c in columns}))
+                continue
             try:
                 tables.append(pq.read_table(s.parquet, columns=list(columns) if columns else None))
             except (pa.ArrowInvalid, KeyError) as exc:

@@ -1,0 +1,109 @@
+"""Embed an evaluation suite's reference sets (e.g. ImageNet train) into a pool's embedding space.
+
+The image-based filter keeps pool clusters that a reference set's images fall into, so the reference images must be
+embedded by the same model as the pool. A suite lists its reference sets in ``suite.json``::
+
+    {"reference_sets": {"imagenet_train": "imagenet/train"}}
+
+Each entry is a folder in CLIP_benchmark's webdataset layout: ``nshards.txt`` and ``0.tar``, ``1.tar``, ... with
+samples ``KEY.png|webp|jpg`` + ``KEY.cls`` (the class index). The result is
+``POOL/embeddings/SPACE/reference/NAME.npy`` (float16, L2-normalised) and ``NAME_labels.npy`` (int64), row-aligned;
+images that cannot be decoded are left out and counted in ``NAME.json``. A set already embedded is not redone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from datafilter.common.files import read_json
+from datafilter.embed.pipeline import EmbedConfig, Embedder, cpu_threads, default_space, space_info
+from datafilter.embed.shards import reference_rows
+from datafilter.embed.store import EmbeddingError, EmbeddingStore
+from datafilter.models import LoadedModel
+from datafilter.pool.pool import Pool
+
+log = logging.getLogger(__name__)
+
+SUITE_FILE = "suite.json"
+
+
+def suite_reference_sets(suite_dir: str | Path) -> dict[str, Path]:
+    """Name -> folder of each reference set a suite declares (empty when it declares none)."""
+    suite_dir = Path(suite_dir)
+    path = suite_dir / SUITE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not an evaluation suite folder")
+    sets = read_json(path).get("reference_sets") or {}
+    if not isinstance(sets, dict):
+        raise ValueError(f"{path}: 'reference_sets' must map names to folders, got {type(sets).__name__}")
+    return {str(name): suite_dir / rel for name, rel in sets.items()}
+
+
+def reference_tars(folder: Path) -> list[Path]:
+    """The tar shards of a webdataset folder, checked to exist."""
+    nshards_p = folder / "nshards.txt"
+    if not nshards_p.is_file():
+        raise FileNotFoundError(f"{nshards_p} not found: a reference set needs nshards.txt and 0.tar, 1.tar, ...")
+    try:
+        n = int(nshards_p.read_text().strip())
+    except ValueError:
+        raise ValueError(f"{nshards_p}: expected a shard count, found {nshards_p.read_text()[:40]!r}") from None
+    tars = [folder / f"{i}.tar" for i in range(n)]
+    missing = [t.name for t in tars if not t.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: nshards.txt says {n} shards but {', '.join(missing[:5])} missing")
+    return tars
+
+
+def embed_reference_set(store: EmbeddingStore, name: str, folder: Path, embedder: Embedder) -> Path:
+    """Embed one reference set into ``store`` (skipped when already there); returns the embeddings file."""
+    out = store.reference_paths(name)[0]
+    if store.has_reference(name):
+        log.info("reference set %s already embedded in %s", name, store.space)
+        return out
+    tars = reference_tars(folder)
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {i: [] for i in range(len(tars))}
+    invalid: Counter = Counter()
+    with tqdm(desc=f"reference {name}", unit="image", unit_scale=True, disable=not embedder.cfg.progress) as bar:
+        for batch in embedder.loader(tars, reference_rows, captions=False):
+            if batch["error"]:
+                raise EmbeddingError(f"reference set {name}: {batch['error']}")
+            valid = batch["valid"].numpy()
+            vectors = embedder.images(batch["images"]).numpy()
+            parts[batch["part"]].append((batch["rows"].numpy()[valid], vectors, batch["payload"].numpy()[valid]))
+            invalid.update(batch["reasons"])
+            bar.update(len(valid))
+    chunks = [c for i in range(len(tars)) for c in parts[i]]  # tar order, then row order within each tar
+    dim = embedder.model.embed_dim
+    image = np.concatenate([c[1] for c in chunks]) if chunks else np.empty((0, dim), np.float32)
+    labels = np.concatenate([c[2] for c in chunks]) if chunks else np.empty(0, np.int64)
+    stats = {"source": str(folder), "images": int(len(labels)), "invalid": dict(sorted(invalid.items()))}
+    store.write_reference(name, image, labels, stats)
+    log.info("reference set %s: %d images embedded, %d skipped %s", name, len(labels), sum(invalid.values()),
+             dict(invalid) or "")
+    return out
+
+
+def embed_reference_sets(pool: Pool | str, model: LoadedModel, suite_dir: str | Path, space: str | None = None,
+                         cfg: EmbedConfig = EmbedConfig()) -> dict[str, Path]:
+    """Embed every reference set of an evaluation suite with ``model`` into the pool's space ``space``.
+
+    The space is created, or checked to belong to the same model, exactly as for the pool's own embeddings.
+    """
+    pool = pool if isinstance(pool, Pool) else Pool(pool)
+    store = EmbeddingStore(pool, space or default_space(model.name, model.checkpoint_id))
+    store.init(space_info(model))
+    sets = suite_reference_sets(suite_dir)
+    if not sets:
+        log.warning("%s declares no reference sets", Path(suite_dir) / SUITE_FILE)
+    embedder = Embedder(model, cfg)
+    out = {}
+    with cpu_threads(embedder.device, cfg.threads, cfg.workers):
+        for name, folder in sets.items():
+            out[name] = embed_reference_set(store, name, folder, embedder)
+    return out

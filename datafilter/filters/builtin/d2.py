@@ -1,0 +1,131 @@
+"""D² pruning (Maharana et al., "D2 Pruning: Message Passing for Balancing Diversity and Difficulty in Data
+Pruning"), on image-text pairs as in its DataComp experiments.
+
+1. A kNN graph over the samples' embeddings (image and text concatenated, or either alone), squared L2 distances.
+2. Forward message passing: each node's score becomes its own difficulty plus the difficulties of its neighbours
+   weighted by ``exp(-gamma * d)``: ``g_i = max(s_i, eps) + sum_j exp(-gamma * d_ij) * max(s_j, eps)``, where the difficulty
+   ``s`` is the CLIP score plus ``score_offset`` (the authors add 0.115 so that DataComp's scores are positive).
+3. Reverse message passing while selecting: repeatedly take the node with the largest ``g``, then lower each of its
+   neighbours' scores by ``exp(-beta * d) * g_picked``, which pushes the next picks away from what is chosen.
+
+The neighbours of row ``i`` are always row ``i``'s: the graph is built with queries and index in one order. (The
+authors' DataComp script joins per-file results in completion order while neighbour ids follow index order, which
+pairs rows with the wrong neighbours; this implementation does not.) The greedy selection uses a lazy max-heap,
+which gives exactly the repeated-argmax order (ties: lowest row first).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from datafilter.filters.base import Filter
+from datafilter.filters.ops import Rows, knn_graph
+from datafilter.filters.view import FilterView
+
+EPS = 1e-7
+
+
+def forward_pass(scores: np.ndarray, nbrs: np.ndarray, dists: np.ndarray, gamma: float) -> np.ndarray:
+    """``g_i = max(s_i, eps) + sum_j exp(-gamma d_ij) max(s_j, eps)`` over row ``i``'s neighbours (missing: -1)."""
+    s = np.maximum(scores.astype(np.float64), EPS)
+    w = np.where(nbrs >= 0, np.exp(-gamma * dists.astype(np.float64)), 0.0)
+    return s + (w * s[np.maximum(nbrs, 0)]).sum(axis=1)
+
+
+def reverse_pass(graph_scores: np.ndarray, nbrs: np.ndarray, dists: np.ndarray, beta: float, budget: int
+                 ) -> np.ndarray:
+    """Pick ``budget`` rows greedily: take the largest score, then ``g_j -= exp(-beta d_ij) * g_i`` for its
+    neighbours ``j``. Returns the picked rows in pick order."""
+    g = graph_scores.astype(np.float64).copy()
+    n = len(g)
+    budget = min(budget, n)
+    w = np.where(nbrs >= 0, np.exp(-beta * dists.astype(np.float64)), 0.0)
+    nb = np.maximum(nbrs, 0)
+    heap = list(zip((-g).tolist(), range(n)))
+    heapq.heapify(heap)
+    taken = np.zeros(n, bool)
+    picked = np.empty(budget, np.int64)
+    count = 0
+    while count < budget:
+        neg, i = heapq.heappop(heap)
+        if taken[i]:
+            continue
+        if -neg != g[i]:  # stale entry: the score changed since it was pushed
+            heapq.heappush(heap, (-g[i], i))
+            continue
+        taken[i] = True
+        picked[count] = i
+        count += 1
+        gi = g[i]
+        if gi == 0.0:
+            continue
+        js = nb[i]
+        old = g[js]
+        g[js] = old - w[i] * gi
+        if gi < 0:  # a negative pick raises its neighbours: their heap entries must move up now
+            for j in js[(g[js] > old) & ~taken[js]].tolist():
+                heapq.heappush(heap, (-g[j], j))
+    return picked
+
+
+@dataclass(frozen=True)
+class D2Config:
+    """``features``: ``image_text`` (concatenated), ``image`` or ``text``. ``k`` neighbours; ``gamma`` forward and
+    ``beta`` reverse kernel widths; ``fraction`` of valid samples kept; ``score_column`` ('' = the space's).
+    kNN: ``knn`` = auto (exact up to ``exact_max`` samples, else ivf), flat or ivf; ivf projects to ``pca_dim``
+    with PCA, splits the samples into ``nlist`` k-means lists (0 = 2 sqrt(N)) and searches the ``nprobe`` nearest
+    lists; its distances are the projection's plus the energy outside it, or, with ``exact_distances``, recomputed
+    in the full space (slower)."""
+
+    fraction: float = 0.3
+    features: Literal["image_text", "image", "text"] = "image_text"
+    k: int = 10
+    gamma: float = 1.0
+    beta: float = 1.0
+    score_offset: float = 0.115
+    score_column: str = ""
+    knn: Literal["auto", "flat", "ivf"] = "auto"
+    exact_max: int = 20000
+    pca_dim: int = 128
+    nlist: int = 0
+    nprobe: int = 8
+    exact_distances: bool = False
+    seed: int = 0
+
+
+class D2Filter(Filter):
+    name = "d2_pruning"
+    version = "1"
+    description = "D² pruning: kNN graph, forward and reverse message passing of the CLIP score (image+text/image/text)"
+    Config = D2Config
+    needs = ("scores",)
+
+    def required(self) -> tuple[str, ...]:
+        f = self.config.features
+        emb = {"image_text": ("image_embeddings", "text_embeddings"), "image": ("image_embeddings",),
+               "text": ("text_embeddings",)}[f]
+        return super().required() + emb
+
+    def select(self, view: FilterView) -> np.ndarray:
+        c = self.config
+        scores = view.scores(c.score_column or None)
+        valid = view.valid & np.isfinite(scores)
+        self.drop("no_embedding", int((~valid).sum()))
+        rows = np.flatnonzero(valid)
+        parts = {"image_text": [view.image_embeddings(), view.text_embeddings()],
+                 "image": [view.image_embeddings()], "text": [view.text_embeddings()]}[c.features]
+        with self.phase("knn"):
+            nbrs, dists, method = knn_graph(Rows(parts, rows), c.k, method=c.knn, exact_max=c.exact_max,
+                                            pca_dim=c.pca_dim, nlist=c.nlist, nprobe=c.nprobe, seed=c.seed,
+                                            exact_distances=c.exact_distances)
+            self.details["knn"] = method
+        with self.phase("forward"):
+            g = forward_pass(scores[rows] + c.score_offset, nbrs, dists, c.gamma)
+        with self.phase("reverse"):
+            picked = reverse_pass(g, nbrs, dists, c.beta, int(len(rows) * c.fraction))
+        self.drop("d2_pruned", len(rows) - len(picked))
+        return view.uids_of(rows[picked])

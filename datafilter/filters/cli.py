@@ -1,0 +1,106 @@
+"""``datafilter filters list|show|report`` and ``datafilter filter NAME POOL_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+
+GROUP_HELP = "list the registered filters, show their parameters, report on subsets"
+
+
+def register(commands) -> None:
+    p = commands.subcommand("filters", GROUP_HELP, "list", "list registered filters (built-ins and plugins)")
+    p.set_defaults(func=_list)
+
+    p = commands.subcommand("filters", GROUP_HELP, "show", "show a filter's description, needs and parameters")
+    p.add_argument("name")
+    p.set_defaults(func=_show)
+
+    p = commands.subcommand(
+        "filters", GROUP_HELP, "report",
+        "counts per reason, overlap with other subsets, and precision/recall of removed noise (ground truth)")
+    p.add_argument("subset", help="subset .npy (with its .json sidecar)")
+    p.add_argument("--pool", help="pool directory (default: the sidecar's)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="SUBSET", help="other subsets for Jaccard overlap")
+    p.add_argument("--out", help="report JSON (default: SUBSET.report.json); a PNG plot is written beside it")
+    p.set_defaults(func=_report)
+
+    p = commands.command("filter", "run one filter on a pool and write the subset (.npy + .json sidecar)",
+                         description="Run one filter on a pool. Parameters: --param key=value (typed by the "
+                                     "filter's config; see `datafilter filters show NAME`) or --config file.yaml.")
+    p.add_argument("name", help="filter name (see `datafilter filters list`)")
+    p.add_argument("pool_dir", help="pool directory")
+    p.add_argument("--out", help="subset file (default: work/subsets/POOL/NAME.npy)")
+    p.add_argument("--space", help="embedding space (default: the pool's only one)")
+    p.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--config", help="YAML file with parameters (--param values override it)")
+    p.add_argument("--reference", action="append", default=[], metavar="NAME=PATH.npy",
+                   help="an extra reference set of embeddings")
+    p.set_defaults(func=_filter)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from datafilter.filters.registry import available, filter_class
+
+    rows = []
+    for name, ep in available().items():
+        try:
+            cls, _ = filter_class(name)
+            rows.append((name, f"v{cls.version}", cls.description or "(no description)"))
+        except Exception as exc:  # a broken plugin must not hide the others
+            rows.append((name, "?", f"(failed to load {ep.value}: {exc})"))
+    width = max((len(r[0]) for r in rows), default=4)
+    for name, version, desc in rows:
+        print(f"{name:<{width}}  {version:<4} {desc}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    import dataclasses
+    import typing
+
+    from datafilter.filters.registry import filter_class
+
+    cls, where = filter_class(args.name)
+    print(f"{cls.name} v{cls.version} ({where})\n  {cls.description}")
+    flt = cls()
+    print(f"needs: {', '.join(flt.required()) or 'nothing'}")
+    hints = typing.get_type_hints(cls.Config)
+    fields = dataclasses.fields(cls.Config)
+    if fields:
+        print("parameters:")
+    for f in fields:
+        tp = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        print(f"  {f.name} ({tp}) = {f.default!r}")
+    if cls.Config.__doc__ and fields:
+        print("\n" + " ".join(cls.Config.__doc__.split()))
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from datafilter.filters.base import parse_params
+    from datafilter.filters.harness import filter_pool
+
+    refs = {}
+    for item in args.reference:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--reference expects NAME=PATH.npy, got {item!r}")
+        refs[name] = path
+    result, out = filter_pool(args.name, args.pool_dir, args.out, params=parse_params(args.param, args.config),
+                              space=args.space, references=refs)
+    reasons = ", ".join(f"{k} {v:,}" for k, v in result.counts.items()) or "none"
+    print(f"{args.name}: kept {result.kept:,} of {result.input:,} ({result.elapsed_s:.2f} s); removed: {reasons}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from datafilter.filters.report import subset_report
+
+    report, out = subset_report(args.subset, pool_dir=args.pool, compare=args.compare, out=args.out)
+    print(json.dumps({k: report[k] for k in ("kept", "input", "counts", "overlap", "noise") if k in report},
+                     indent=2))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,319 @@
+"""Numerical building blocks shared by the built-in filters: global quantiles, chunked float32 reads of float16
+embeddings, k-means and nearest-centroid assignment, and kNN graphs (faiss, threads = free cores)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from datafilter.common.launch import free_cores
+
+log = logging.getLogger(__name__)
+
+CHUNK = 32768
+
+
+def faiss_threads(threads: int = 0):
+    """Import faiss with its OpenMP pool sized to the cores this process may use."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads or free_cores())
+    return faiss
+
+
+def top_fraction_mask(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """DataComp's global top-fraction rule: ``n = int(N * fraction)``, threshold = the score at index ``n`` of the
+    scores sorted in decreasing order, keep every score ``>= threshold`` (so ties at the threshold are all kept).
+
+    ``N`` counts only finite scores; NaN (no embedding) is never kept. ``np.partition`` finds the threshold in
+    linear time instead of sorting a million scores.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    finite = np.isfinite(scores)
+    vals = scores[finite]
+    n = int(len(vals) * fraction)
+    if n >= len(vals):
+        return finite
+    threshold = np.partition(vals, len(vals) - 1 - n)[len(vals) - 1 - n]
+    return finite & (scores >= threshold)
+
+
+def float32_rows(arr: np.ndarray, rows: np.ndarray, chunk: int = CHUNK, desc: str | None = None
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, arr[rows[start:start+chunk]] as float32)`` for consecutive chunks: memory stays one chunk."""
+    for start in tqdm(range(0, len(rows), chunk), desc=desc, disable=desc is None or len(rows) <= chunk,
+                      unit="chunk"):
+        yield start, np.asarray(arr[rows[start:start + chunk]], dtype=np.float32)
+
+
+def gather_float32(arr: np.ndarray, rows: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
+    out = np.empty((len(rows), arr.shape[1]), np.float32)
+    for start, block in float32_rows(arr, rows, chunk):
+        out[start:start + len(block)] = block
+    return out
+
+
+def kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, spherical: bool = False) -> np.ndarray:
+    """faiss k-means on float32 ``x`` with every point used (faiss would otherwise subsample to 256 per centroid;
+    choosing a sample is the caller's documented decision). Returns ``[k, d]`` float32 centroids."""
+    faiss = faiss_threads()
+    k = max(1, min(k, len(x)))
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, verbose=False,
+                      max_points_per_centroid=max(1, (len(x) + k - 1) // k) + 1, min_points_per_centroid=1)
+    km.train(np.ascontiguousarray(x, np.float32))
+    return np.asarray(km.centroids, np.float32)
+
+
+def nearest_centroid(arr: np.ndarray, rows: np.ndarray, centroids: np.ndarray, chunk: int = CHUNK,
+                     desc: str | None = None) -> np.ndarray:
+    """Index of the centroid with the largest inner product for each row (DataComp's assignment rule); ties go to
+    the lowest centroid index."""
+    faiss = faiss_threads()
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, np.float32))
+    out = np.empty(len(rows), np.int64)
+    for start, block in float32_rows(arr, rows, chunk, desc):
+        _, idx = index.search(block, 1)
+        out[start:start + len(block)] = idx[:, 0]
+    return out
+
+
+def pca_kmeans(arr: np.ndarray, train_rows: np.ndarray, k: int, *, dim: int, niter: int, seed: int
+               ) -> tuple[np.ndarray, "object"]:
+    """k-means in a ``dim``-dimensional PCA projection of the training rows (the cost of every iteration drops by
+    ``d / dim``); the full-dimensional centroid of a cluster is the mean of its training points, so the assignment
+    rule downstream stays DataComp's (largest inner product with a full-dimensional centroid).
+    Returns ``(full centroids [k, d], the fitted faiss PCA)``."""
+    faiss = faiss_threads()
+    x = gather_float32(arr, train_rows)
+    pca = faiss.PCAMatrix(x.shape[1], dim)
+    pca.train(x[sample_rows(np.arange(len(x)), min(len(x), 100_000), seed)])
+    reduced = kmeans(pca.apply(x), k, niter=niter, seed=seed)
+    index = faiss.IndexFlatL2(reduced.shape[1])
+    index.add(reduced)
+    _, lab = index.search(pca.apply(x), 1)
+    lab = lab[:, 0]
+    full = np.zeros((len(reduced), x.shape[1]), np.float64)
+    np.add.at(full, lab, x)
+    counts = np.bincount(lab, minlength=len(reduced))
+    full = (full[counts > 0] / counts[counts > 0, None]).astype(np.float32)  # empty clusters cannot be nearest
+    return full, pca
+
+
+def nearest_centroid_pca(arr: np.ndarray, rows: np.ndarray, centroids: np.ndarray, pca, candidates: int,
+                         chunk: int = CHUNK, desc: str | None = None) -> np.ndarray:
+    """DataComp's nearest centroid (largest inner product), searched in two steps: the ``candidates`` best
+    centroids in the PCA projection, then the exact full-dimensional inner product among them. Differs from the
+    exhaustive search only when the true nearest centroid is not among the candidates."""
+    faiss = faiss_threads()
+    reduced = pca.apply(np.ascontiguousarray(centroids))
+    index = faiss.IndexFlatIP(reduced.shape[1])
+    index.add(reduced)
+    c = min(candidates, len(centroids))
+    out = np.empty(len(rows), np.int64)
+    for start, block in float32_rows(arr, rows, chunk, desc):
+        _, cand = index.search(pca.apply(block), c)
+        sims = np.einsum("nd,ncd->nc", block, centroids[cand])
+        # ties between candidates go to the lower centroid index, as in the exhaustive search
+        tied = sims == sims.max(axis=1, keepdims=True)
+        out[start:start + len(block)] = np.where(tied, cand, np.iinfo(np.int64).max).min(axis=1)
+    return out
+
+
+def sample_rows(rows: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A sorted random sample of ``size`` rows (all rows when ``size`` is 0 or not smaller)."""
+    if size <= 0 or size >= len(rows):
+        return rows
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(rows, size, replace=False))
+
+
+def _drop_self(ids: np.ndarray, dist: np.ndarray, self_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own id from its k+1 results (wherever it landed; exact duplicates can come first);
+    when the search missed it, drop the farthest result instead."""
+    is_self = ids == self_ids[:, None]
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
+
+
+class Rows:
+    """Rows of one or more row-aligned arrays, concatenated along features and read as float32 on demand.
+
+    The kNN graph reads the (float16, possibly memory-mapped) embeddings through this in chunks, so its memory is
+    the index plus a chunk rather than a float32 copy of every embedding.
+    """
+
+    def __init__(self, parts: Sequence[np.ndarray], rows: np.ndarray | None = None):
+        self.parts = list(parts)
+        self.rows = np.arange(len(self.parts[0])) if rows is None else np.asarray(rows)
+        self.dim = sum(p.shape[1] for p in self.parts)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, idx: np.ndarray | slice) -> np.ndarray:
+        r = self.rows[idx]
+        out = np.empty((len(r), self.dim), np.float32)
+        if isinstance(idx, np.ndarray) and len(r) > 1:  # read memory-mapped files in increasing row order
+            order = np.argsort(r, kind="stable")
+            r_sorted = r[order]
+            lo = 0
+            for p in self.parts:
+                out[order, lo:lo + p.shape[1]] = p[r_sorted]
+                lo += p.shape[1]
+            return out
+        lo = 0
+        for p in self.parts:
+            out[:, lo:lo + p.shape[1]] = p[r]
+            lo += p.shape[1]
+        return out
+
+
+def exact_sq_distances(src: Rows, queries: np.ndarray, nbrs: np.ndarray, sq: np.ndarray, step: int = 2048
+                       ) -> np.ndarray:
+    """Squared L2 distances between each query row and its neighbour rows, in the full space (small steps keep
+    the gathered neighbour vectors to a few tens of MB)."""
+    out = np.empty(nbrs.shape, np.float32)
+    k = nbrs.shape[1]
+    for s in range(0, len(queries), step):
+        q = src.get(queries[s:s + step])
+        nb = src.get(nbrs[s:s + step].ravel()).reshape(len(q), k, -1)
+        dots = np.matmul(nb, q[:, :, None])[:, :, 0]
+        out[s:s + len(q)] = sq[queries[s:s + step], None] + sq[nbrs[s:s + step]] - 2 * dots
+    return out
+
+
+def clustered_knn(space: np.ndarray, k: int, *, nlist: int, nprobe: int, seed: int, niter: int = 10
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate kNN by clusters, computed with matrix products: k-means puts every row in one of ``nlist``
+    lists; the members of a list search the members of the ``nprobe`` lists whose centroids are nearest to their
+    own (their own list first). One small BLAS product per list replaces per-query index scans; lists run on a
+    thread per free core, each with single-threaded BLAS (many small multi-threaded products are slow on a busy
+    machine). Returns ``(ids, squared L2 distances in this space)``; -1 / inf where fewer than k candidates.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    faiss = faiss_threads()
+    m = len(space)
+    nlist = max(1, min(nlist, m // 8 or 1))
+    centroids = kmeans(space[sample_rows(np.arange(m), min(m, nlist * 32), seed)], nlist, niter=niter, seed=seed)
+    nlist = len(centroids)
+    index = faiss.IndexFlatL2(space.shape[1])
+    index.add(centroids)
+    lists = np.empty(m, np.int64)
+    for s in range(0, m, 65536):
+        lists[s:s + 65536] = index.search(space[s:s + 65536], 1)[1][:, 0]
+    order = np.argsort(lists, kind="stable")
+    bounds = np.searchsorted(lists[order], np.arange(nlist + 1))
+    _, near = index.search(centroids, min(nprobe + 1, nlist))
+    sqn = np.einsum("ij,ij->i", space, space)
+    ids = np.full((m, k), -1, np.int64)
+    dist = np.full((m, k), np.inf, np.float32)
+
+    def one_list(li: int) -> None:
+        members = order[bounds[li]:bounds[li + 1]]
+        probe = [li] + [int(j) for j in near[li] if j != li and j >= 0][:max(0, nprobe - 1)]
+        cand = np.concatenate([order[bounds[j]:bounds[j + 1]] for j in probe])
+        kk = min(k, len(cand) - 1)
+        if len(members) == 0 or kk <= 0:
+            return
+        d = sqn[members, None] + sqn[None, cand] - 2.0 * (space[members] @ space[cand].T)
+        d[np.arange(len(members)), np.arange(len(members))] = np.inf  # own list comes first: the diagonal is self
+        part = np.argpartition(d, kk - 1, axis=1)[:, :kk]
+        pd = np.take_along_axis(d, part, 1)
+        pid = cand[part]
+        srt = np.lexsort((pid, pd), axis=1)  # by distance, ties by row: the same graph on every run
+        ids[members, :kk] = np.take_along_axis(pid, srt, 1)
+        dist[members, :kk] = np.maximum(np.take_along_axis(pd, srt, 1), 0)
+
+    with threadpool_limits(1), ThreadPoolExecutor(free_cores()) as pool:
+        for _ in tqdm(pool.map(one_list, range(nlist)), total=nlist, desc="kNN", unit="list",
+                      disable=nlist < 256):
+            pass
+    return ids, dist
+
+
+class PCA:
+    """Principal components of a sample (numpy: a covariance product and ``eigh``), applied chunk by chunk."""
+
+    def __init__(self, sample: np.ndarray, dim: int):
+        x = np.asarray(sample, np.float64)
+        self.mean = x.mean(axis=0)
+        xc = x - self.mean
+        cov = (xc.T @ xc) / max(1, len(x) - 1)
+        vals, vecs = np.linalg.eigh(cov)
+        self.components = np.ascontiguousarray(vecs[:, ::-1][:, :dim], np.float32)  # largest variance first
+        self.mean = self.mean.astype(np.float32)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) @ self.components
+
+
+def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: int = 20000, pca_dim: int = 128,
+              nlist: int = 0, nprobe: int = 8, seed: int = 0, exact_distances: bool = False,
+              chunk: int = 16384) -> tuple[np.ndarray, np.ndarray, str]:
+    """The k nearest neighbours of every row of ``x`` (an array, or ``Rows`` over several arrays), itself excluded.
+
+    Returns ``(ids [m, k] int64, squared L2 distances [m, k] float32, method used)``. Neighbour ids are row
+    positions in ``x``: queries and index share one order, so row ``i``'s neighbours always belong to row ``i``.
+
+    ``flat``: exact search (``m <= exact_max`` under ``auto``), exact distances. ``ivf``: PCA to ``pca_dim``
+    (0: all dimensions), then ``clustered_knn`` with ``nlist`` lists (0: 2 sqrt(m)) and ``nprobe`` probed lists.
+    Distances are then the PCA-space distance plus both rows' residual energy outside the projection (exact but
+    for the residuals' cross term); ``exact_distances`` recomputes them in the full space instead (slower).
+    """
+    faiss = faiss_threads()
+    src = x if isinstance(x, Rows) else Rows([np.asarray(x)])
+    m, d = len(src), src.dim
+    k = min(k, m - 1)
+    if k <= 0:
+        return np.empty((m, 0), np.int64), np.empty((m, 0), np.float32), "none"
+    if method == "auto":
+        method = "flat" if m <= exact_max else "ivf"
+    if method == "flat":
+        full = src.get(slice(None))
+        sq = np.einsum("ij,ij->i", full, full)
+        index = faiss.IndexFlatIP(d)
+        index.add(full)
+        ids = np.empty((m, k), np.int64)
+        dist = np.empty((m, k), np.float32)
+        for s in range(0, m, chunk):
+            dq, iq = index.search(full[s:s + chunk], k + 1)
+            dq = sq[s:s + chunk, None] + sq[np.maximum(iq, 0)] - 2 * dq  # inner product -> squared L2
+            iq, dq = _drop_self(iq, dq, np.arange(s, s + len(iq)), k)
+            ids[s:s + len(iq)] = iq
+            dist[s:s + len(iq)] = np.where(iq < 0, np.inf, np.maximum(dq, 0))
+        return ids, dist, method
+    if method != "ivf":
+        raise ValueError(f"unknown kNN method {method!r} (auto, flat, ivf)")
+    pca = PCA(src.get(sample_rows(np.arange(m), min(m, 50_000), seed)), pca_dim) if 0 < pca_dim < d else None
+    dd = pca_dim if pca is not None else d
+    space = np.empty((m, dd), np.float32)
+    sq = np.empty(m, np.float32)
+    residual = np.zeros(m, np.float32)  # energy of each centred row outside the projection
+    for s in tqdm(range(0, m, chunk), desc="project", unit="chunk", disable=m <= 4 * chunk):
+        block = src.get(slice(s, s + chunk))
+        sq[s:s + len(block)] = np.einsum("ij,ij->i", block, block)
+        if pca is None:
+            space[s:s + len(block)] = block
+            continue
+        proj = pca.apply(block)
+        space[s:s + len(block)] = proj
+        centred = block - pca.mean
+        residual[s:s + len(block)] = np.maximum(np.einsum("ij,ij->i", centred, centred)
+                                                - np.einsum("ij,ij->i", proj, proj), 0)
+    ids, dist = clustered_knn(space, k, nlist=nlist or max(1, int(2 * np.sqrt(m))), nprobe=nprobe, seed=seed)
+    if exact_distances:
+        for s in range(0, m, chunk):
+            q = np.arange(s, min(m, s + chunk))
+            dist[q] = np.where(ids[q] < 0, np.inf, np.maximum(exact_sq_distances(src, q, np.maximum(ids[q], 0),
+                                                                                  sq), 0))
+    elif pca is not None:
+        dist = np.where(ids < 0, np.inf, dist + residual[:, None] + residual[np.maximum(ids, 0)])
+    return ids, dist.astype(np.float32), method

@@ -1,0 +1,368 @@
+"""``FilterView``: the read-only picture of a pool that a filter works on.
+
+It can be built from a pool directory and an embedding space (``FilterView.from_pool``) or from plain arrays
+(``FilterView(uids, ...)``), so that any source of the same arrays (e.g. DataComp's released metadata: parquet plus
+``.npz`` embeddings) can feed the same filters. Everything heavy is loaded on first use and then kept: a filter that
+only reads captions never touches the embeddings. Arrays handed out are read-only views, so a filter cannot change
+what the next filter (or the report) sees. Ground truth about a synthetic pool's noise is deliberately not reachable
+from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datafilter.pool.uid import UID_DTYPE, hex_to_uids
+
+log = logging.getLogger(__name__)
+
+Source = Any  # an array, or a zero-argument callable that returns one
+REFERENCE_DIR = "reference"
+
+# Needs a filter may declare, and how a user produces each when it is missing.
+HOW_TO = {
+    "image_embeddings": "run `datafilter embed POOL` (or pass --space for an existing space)",
+    "text_embeddings": "run `datafilter embed POOL` (or pass --space for an existing space)",
+    "scores": "run `datafilter embed POOL`, which writes CLIP scores beside the embeddings",
+    "reference": "embed the reference set (the embed stage writes POOL/embeddings/SPACE/reference/NAME.npy) "
+                 "or pass --reference NAME=PATH.npy",
+    "metadata": "the pool's parquet files need this column",
+}
+
+
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    view = arr.view()
+    view.flags.writeable = False
+    return view
+
+
+_HEX = np.full(256, 255, np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+
+
+def uids_from_arrow(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Parse 32-hex-character uid strings to ``u8,u8`` without a Python loop.
+
+    Parsing a million uids one by one takes over a second; reading the string buffer as fixed-width bytes and
+    turning nibbles into integers with numpy takes a few milliseconds. Falls back to the per-string parser for
+    anything that is not exactly 32 characters (which then raises a clear error).
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for chunk in chunks:
+        chunk = chunk.cast(pa.large_string()) if chunk.type != pa.large_string() else chunk
+        n = len(chunk)
+        if n == 0:
+            continue
+        offsets = np.frombuffer(chunk.buffers()[1], np.int64, n + 1, chunk.offset * 8)
+        if chunk.null_count or not np.array_equal(np.diff(offsets), np.full(n, 32)):
+            parts.append(hex_to_uids(chunk.to_pylist()))
+            continue
+        raw = np.frombuffer(chunk.buffers()[2], np.uint8, 32 * n, int(offsets[0])).reshape(n, 32)
+        nib = _HEX[raw]
+        if (nib == 255).any():
+            parts.append(hex_to_uids(chunk.to_pylist()))  # raises with the offending value
+            continue
+        nib = nib.astype(np.uint64)
+        shifts = np.arange(60, -4, -4, dtype=np.uint64)
+        out = np.empty(n, UID_DTYPE)
+        out["f0"] = (nib[:, :16] << shifts).sum(axis=1, dtype=np.uint64)
+        out["f1"] = (nib[:, 16:] << shifts).sum(axis=1, dtype=np.uint64)
+        parts.append(out)
+    return np.concatenate(parts) if parts else np.empty(0, UID_DTYPE)
+
+
+class FilterView:
+    """Read-only access to one pool's uids, metadata, embeddings, scores and reference sets.
+
+    Args:
+        uids: ``u8,u8`` uids in pool order; every other per-row array follows this order.
+        metadata: a pyarrow table, or a callable ``columns -> table`` that reads only the columns asked for.
+        image, text: ``[n, dim]`` float16 L2-normalised embeddings (NaN rows where ``valid`` is False), or callables.
+        scores: ``{column: [n] float}`` CLIP-style scores, or a callable returning that mapping.
+        score_column: the default score column (the space's ``score_column``).
+        valid: ``[n]`` bool, False where the sample has no embedding; default: all rows valid.
+        references: ``{name: [m, dim] float16 array | path | callable}``.
+        reference_labels: ``{name: [m] int array | path}``.
+        pool_path, pool_id, space: recorded in the subset's sidecar.
+    """
+
+    def __init__(self, uids: np.ndarray, *, metadata: pa.Table | Callable[[Sequence[str] | None], pa.Table]
+                 | None = None, image: Source = None, text: Source = None,
+                 scores: Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]] | None = None,
+                 score_column: str | None = None, valid: Source = None,
+                 references: Mapping[str, Source] | None = None, reference_labels: Mapping[str, Source] | None = None,
+                 pool_path: str | Path | None = None, pool_id: str | None = None, space: str | None = None,
+                 columns: Sequence[str] | None = None):
+        uids = np.asarray(uids)
+        if uids.dtype != UID_DTYPE:
+            raise ValueError(f"uids must have dtype {UID_DTYPE}, got {uids.dtype}")
+        self._uids = _read_only(uids)
+        self._metadata = metadata
+        self._columns = list(columns) if columns is not None else (
+            list(metadata.column_names) if isinstance(metadata, pa.Table) else None)
+        self._sources: dict[str, Source] = {"image": image, "text": text, "valid": valid}
+        self._scores_src = scores
+        self.score_column = score_column
+        self._refs: dict[str, Source] = dict(references or {})
+        self._ref_labels: dict[str, Source] = dict(reference_labels or {})
+        self._cache: dict[str, Any] = {}
+        self.pool_path = str(pool_path) if pool_path is not None else None
+        self.pool_id = pool_id
+        self.space = space
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
+
+    # --- construction from a pool ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pool(cls, pool_dir: str | Path, space: str | None = None,
+                  references: Mapping[str, str | Path] | None = None) -> "FilterView":
+        """A view of a pool directory and one of its embedding spaces (the only one, if ``space`` is not given).
+
+        Embeddings, scores and references are optional: a pool without them still serves filters that read only
+        metadata; a filter that needs them is stopped before it starts, with a message that says how to make them.
+        """
+        from datafilter.embed.store import EMBED_DIR, EmbeddingError, EmbeddingStore
+        from datafilter.pool.pool import Pool
+
+        pool = Pool(pool_dir)
+        uid_col = pa.chunked_array([c for s in pool.shards
+                                    for c in pq.read_table(s.parquet, columns=["uid"]).column("uid").chunks],
+                                   type=pa.string())
+        uids = uids_from_arrow(uid_col)
+        pool.__dict__.setdefault("uids", uids)  # share the parsed uids so the pool does not parse them again
+        if space is None:
+            spaces = sorted(p.parent.name for p in (pool.path / EMBED_DIR).glob("*/space.json"))
+            if len(spaces) > 1:
+                raise ValueError(f"{pool.path} has embedding spaces {', '.join(spaces)}; choose one with --space")
+            space = spaces[0] if spaces else None
+        kwargs: dict[str, Any] = {}
+        refs: dict[str, Source] = {}
+        labels: dict[str, Source] = {}
+        if space is not None:
+            store = EmbeddingStore(pool, space)
+            info = store.info  # raises with a clear message if the space does not exist
+            missing = store.missing()
+            if missing:
+                log.warning("space %s of %s lacks %d shard(s) (first: %s); embedding-based filters will refuse to run",
+                            space, pool.path, len(missing), missing[0].name)
+            else:
+                def load_scores() -> dict[str, np.ndarray]:
+                    table = store.all_scores()
+                    if not table.column("uid").equals(uid_col):
+                        raise EmbeddingError(f"scores of space '{space}' in {store.dir} are not row-aligned with "
+                                             f"the pool's parquet files (uid columns differ)")
+                    return {c: table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
+                            for c in table.column_names if c not in ("uid", "valid")} | {
+                        "__valid__": table.column("valid").to_numpy(zero_copy_only=False).astype(bool)}
+
+                kwargs.update(image=store.all_image, text=store.all_text, scores=load_scores,
+                              score_column=info.score_column)
+            ref_dir = store.dir / REFERENCE_DIR
+            for path in sorted(ref_dir.glob("*.npy")):
+                if path.stem.endswith("_labels"):
+                    continue
+                refs[path.stem] = path
+                if (lab := path.with_name(f"{path.stem}_labels.npy")).exists():
+                    labels[path.stem] = lab
+        for name, path in (references or {}).items():
+            refs[name] = Path(path)
+            if (lab := Path(path).with_name(f"{Path(path).stem}_labels.npy")).exists():
+                labels[name] = lab
+        view = cls(uids, metadata=lambda cols: pool.metadata(cols), columns=pool.columns(), references=refs,
+                   reference_labels=labels, pool_path=pool.path, pool_id=pool.pool_id, space=space, **kwargs)
+        return view
+
+    # --- basic facts -----------------------------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return len(self._uids)
+
+    @property
+    def uids(self) -> np.ndarray:
+        return self._uids
+
+    @property
+    def columns(self) -> list[str]:
+        if self._columns is None:
+            self._columns = list(self.metadata(None).column_names) if self._metadata is not None else []
+        return self._columns
+
+    def has(self, what: str) -> bool:
+        if what in ("image_embeddings", "text_embeddings"):
+            return self._sources["image" if what.startswith("image") else "text"] is not None
+        if what == "scores":
+            return self._scores_src is not None
+        if what.startswith("metadata:"):
+            return what.split(":", 1)[1] in self.columns
+        if what.startswith("reference:"):
+            name = what.split(":", 1)[1]
+            return name in self._refs or (name.endswith(".npy") and Path(name).exists())
+        raise ValueError(f"unknown need {what!r} (known: image_embeddings, text_embeddings, scores, "
+                         f"metadata:COLUMN, reference:NAME)")
+
+    def missing(self, needs: Iterable[str]) -> list[str]:
+        """For each need not met, a line naming it and how to produce it."""
+        out = []
+        for need in needs:
+            if not self.has(need):
+                kind = need.split(":", 1)[0]
+                extra = ""
+                if kind == "reference":
+                    extra = f" (available: {', '.join(self.references) or 'none'})"
+                where = f" in space '{self.space}'" if self.space else ""
+                out.append(f"{need}{where}{extra}: {HOW_TO[kind]}")
+        return out
+
+    # --- metadata --------------------------------------------------------------------------------------------------
+    def metadata(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """Metadata columns in pool order (uid, text, original_width, ... and source fields)."""
+        if self._metadata is None:
+            raise ValueError("this view has no metadata")
+        if isinstance(self._metadata, pa.Table):
+            return self._metadata.select(list(columns)) if columns else self._metadata
+        return self._metadata(list(columns) if columns else None)
+
+    def column(self, name: str) -> np.ndarray:
+        key = f"col:{name}"
+        if key not in self._cache:
+            if name not in self.columns:
+                raise ValueError(f"no metadata column {name!r} (columns: {', '.join(self.columns)})")
+            col = self.metadata([name]).column(name)
+            self._cache[key] = _read_only(np.asarray(col.to_numpy(zero_copy_only=False)))
+        return self._cache[key]
+
+    def text(self) -> list[str]:
+        """Captions as Python strings (the ``text`` column)."""
+        if "texts" not in self._cache:
+            self._cache["texts"] = self.metadata(["text"]).column("text").to_pylist()
+        return self._cache["texts"]
+
+    # --- embeddings and scores -------------------------------------------------------------------------------------
+    def _array(self, key: str) -> np.ndarray:
+        if key not in self._cache:
+            src = self._sources[key]
+            if src is None:
+                raise ValueError(f"this view has no {key} embeddings")
+            arr = src() if callable(src) else src
+            if arr.ndim != 2 or len(arr) != self.n:
+                raise ValueError(f"{key} embeddings have shape {arr.shape}, expected [{self.n}, dim]")
+            self._cache[key] = _read_only(arr)
+        return self._cache[key]
+
+    def image_embeddings(self) -> np.ndarray:
+        """``[n, dim]`` float16, L2-normalised, memory-mapped where possible; NaN rows where not valid."""
+        return self._array("image")
+
+    def text_embeddings(self) -> np.ndarray:
+        return self._array("text")
+
+    def _score_table(self) -> Mapping[str, np.ndarray]:
+        if "scores" not in self._cache:
+            if self._scores_src is None:
+                raise ValueError("this view has no scores")
+            src = self._scores_src
+            self._cache["scores"] = dict(src() if callable(src) else src)
+        return self._cache["scores"]
+
+    @property
+    def score_columns(self) -> list[str]:
+        return [c for c in self._score_table() if not c.startswith("__")] if self._scores_src is not None else []
+
+    def scores(self, column: str | None = None) -> np.ndarray:
+        """``[n]`` float32 scores from ``column`` (default: the space's score column); NaN where not valid."""
+        column = column or self.score_column
+        table = self._score_table()
+        if column not in table:
+            raise ValueError(f"no score column {column!r} (available: {', '.join(self.score_columns) or 'none'})")
+        key = f"score:{column}"
+        if key not in self._cache:
+            s = np.asarray(table[column], np.float32).copy()
+            s[~self.valid] = np.nan
+            self._cache[key] = _read_only(s)
+        return self._cache[key]
+
+    @property
+    def valid(self) -> np.ndarray:
+        """``[n]`` bool: the row has embeddings (False where its image could not be decoded or embedded)."""
+        if "valid" not in self._cache:
+            src = self._sources["valid"]
+            if src is not None:
+                v = np.asarray(src() if callable(src) else src, bool)
+            elif self._scores_src is not None and "__valid__" in self._score_table():
+                v = np.asarray(self._score_table()["__valid__"], bool)
+            else:
+                v = np.ones(self.n, bool)
+            if len(v) != self.n:
+                raise ValueError(f"valid mask has {len(v)} rows, expected {self.n}")
+            self._cache["valid"] = _read_only(v)
+        return self._cache["valid"]
+
+    # --- reference sets --------------------------------------------------------------------------------------------
+    @property
+    def references(self) -> list[str]:
+        return sorted(self._refs)
+
+    def reference(self, name: str) -> np.ndarray:
+        """A reference set's ``[m, dim]`` embeddings, by name or by the path of an ``.npy`` file."""
+        if name not in self._refs:
+            if name.endswith(".npy") and Path(name).exists():
+                self._refs[name] = Path(name)
+            else:
+                raise ValueError(f"no reference set {name!r} (available: {', '.join(self.references) or 'none'}); "
+                                 f"{HOW_TO['reference']}")
+        key = f"ref:{name}"
+        if key not in self._cache:
+            src = self._refs[name]
+            arr = np.load(src, mmap_mode="r") if isinstance(src, (str, Path)) else (src() if callable(src) else src)
+            if arr.ndim != 2:
+                raise ValueError(f"reference set {name!r} ({src}) has shape {arr.shape}, expected [m, dim]")
+            finite = np.isfinite(arr).all(axis=1)
+            if not finite.all():  # a reference image that failed to embed carries no information
+                log.warning("reference set %r: ignoring %d row(s) without a finite embedding", name,
+                            int((~finite).sum()))
+                arr = np.asarray(arr)[finite]
+            if len(arr) == 0:
+                raise ValueError(f"reference set {name!r} ({src}) has no usable embeddings")
+            self._cache[key] = _read_only(np.asarray(arr))
+        return self._cache[key]
+
+    def reference_labels(self, name: str) -> np.ndarray | None:
+        src = self._ref_labels.get(name)
+        if src is None:
+            return None
+        return _read_only(np.load(src) if isinstance(src, (str, Path)) else np.asarray(src))
+
+    # --- helpers for filters ---------------------------------------------------------------------------------------
+    def uids_of(self, rows: np.ndarray) -> np.ndarray:
+        """Sorted uids of the given rows (a bool mask or row indices; repeated indices give repeated uids)."""
+        rows = np.asarray(rows)
+        picked = self._uids[rows] if rows.dtype == bool else self._uids[rows.astype(np.int64)]
+        return picked[np.lexsort((picked["f1"], picked["f0"]))]
+
+    def sorted_uids(self) -> np.ndarray:
+        if self._sorted is None:
+            order = np.lexsort((self._uids["f1"], self._uids["f0"]))
+            self._sorted = (self._uids[order], order)
+        return self._sorted[0]
+
+    def contains(self, uids: np.ndarray) -> np.ndarray:
+        """Bool per uid: is it in the pool. Vectorised on the high word, exact on both words."""
+        pool = self.sorted_uids()
+        hi, lo = pool["f0"], pool["f1"]
+        left = np.searchsorted(hi, uids["f0"], "left")
+        right = np.searchsorted(hi, uids["f0"], "right")
+        found = np.zeros(len(uids), bool)
+        single = right - left == 1
+        found[single] = lo[left[single]] == uids["f1"][single]
+        for i in np.flatnonzero(right - left > 1):  # equal high words: essentially never with random uids
+            found[i] = bool(np.any(lo[left[i]:right[i]] == uids["f1"][i]))
+        return found

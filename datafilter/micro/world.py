@@ -1,0 +1,223 @@
+"""The items a recipe uses and where each one goes (pool or which evaluation set), plus their renders.
+
+The split between pool and suite never depends on the seed: held-out icons, digits and clip art are chosen by a fixed
+hash of their key, and emoji are split by style. So any pool built from a recipe, with any seed, is disjoint from the
+suite built from the same recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from datafilter.micro import catalog
+from datafilter.micro.recipe import Recipe
+from datafilter.micro.render import RenderSet, ensure_rendered
+from datafilter.micro.sources import check, source
+
+log = logging.getLogger(__name__)
+
+# Collection name -> the source package whose version keys its render cache.
+COLLECTION_SOURCES = {
+    "tabler": "@tabler/icons",
+    "mnist": "mnist",
+    "sklearn-digits": "scikit-learn",
+    "openclipart": "openclipart-svg",
+    "papirus": "papirus-icon-theme",
+}
+
+
+def emoji_collection(style: str) -> str:
+    return f"emoji-{style}"
+
+
+def _title_key(title: str) -> str:
+    return " ".join(re.sub(r"[^a-z ]+", " ", title.lower()).split())
+
+
+@dataclass
+class World:
+    recipe: Recipe
+    workers: int = 2
+    _renders: dict[str, RenderSet] = field(default_factory=dict)
+
+    # --- emoji --------------------------------------------------------------------------------------------------
+    @cached_property
+    def art(self) -> dict[str, dict[str, tuple[str, str]]]:
+        styles = set(self.recipe.styles.pool) | {self.recipe.styles.imagenet_test, self.recipe.styles.imagenet_train}
+        styles |= {s for s in self.recipe.styles.shift if s != "clipart"}
+        return {s: catalog.emoji_art(s) for s in sorted(styles)}
+
+    @cached_property
+    def concepts(self) -> dict[str, catalog.Concept]:
+        """The concept universe: every concept with artwork in a pool style (a fixed subset under limits.concepts)."""
+        allc = catalog.concepts()
+        keys = [h for h in allc if any(h in self.art[s] for s in self.recipe.styles.pool)]
+        n = self.recipe.limits.concepts
+        if n:
+            keys = sorted(sorted(keys, key=catalog.split_fraction)[:n], key=lambda h: allc[h].order)
+        return {h: allc[h] for h in keys}
+
+    @cached_property
+    def imagenet(self) -> list[str]:
+        """The "ImageNet" classes: concepts drawn in the test style and in at least two pool styles (one if the pool
+        has a single style), flags aside, preferring those the shift styles also draw; in emoji order."""
+        st = self.recipe.styles
+        need = min(2, len(st.pool))
+        shift = [s for s in st.shift if s != "clipart"]
+        cands = [h for h, c in self.concepts.items() if c.group != "flags" and h in self.art[st.imagenet_test]
+                 and sum(h in self.art[s] for s in st.pool) >= need]
+        cands = self._distinct_in_test_style(cands)
+        ranked = sorted(cands, key=lambda h: (-sum(h in self.art[s] for s in shift + [st.imagenet_train]),
+                                              self.concepts[h].order))
+        chosen = set(ranked[: self.recipe.imagenet_classes])
+        return [h for h in cands if h in chosen]
+
+    def _distinct_in_test_style(self, cands: list[str]) -> list[str]:
+        """Drop concepts whose test-style drawing is a near-copy of one of their pool-style drawings (simple symbols
+        every artist draws alike: a red circle, a black square), which the suite's overlap check would remove."""
+        from datafilter.micro.compose import Composer
+        from datafilter.micro.overlap import fingerprints
+
+        st = self.recipe.styles
+        styles = [st.imagenet_test] + list(st.pool)
+        rs = {s: self.render(emoji_collection(s), [h for h in cands if h in self.art[s]]) for s in styles}
+        comp = Composer({emoji_collection(s): r for s, r in rs.items()}, self.recipe.image_size)
+        ok = [h for h in cands if h in rs[st.imagenet_test]]
+        test = fingerprints([np.asarray(comp.make(("art", emoji_collection(st.imagenet_test), h, -1))) for h in ok])
+        best = np.zeros(len(ok), np.float32)
+        for s in st.pool:
+            idx = [i for i, h in enumerate(ok) if h in rs[s]]
+            fp = fingerprints([np.asarray(comp.make(("art", emoji_collection(s), ok[i], -1))) for i in idx])
+            if idx:
+                best[idx] = np.maximum(best[idx], (test[idx] * fp).sum(axis=1))
+        return [h for h, b in zip(ok, best) if b < self.recipe.suite.near_duplicate_threshold]
+
+    @cached_property
+    def pool_emoji(self) -> list[tuple[str, str]]:
+        """(style, hexcode) of every emoji drawing the pool may use."""
+        return [(s, h) for h in self.concepts for s in self.recipe.styles.pool if h in self.art[s]]
+
+    # --- icons, digits, clip art, apps ---------------------------------------------------------------------------
+    @cached_property
+    def icons(self) -> dict[str, catalog.Icon]:
+        allv = catalog.icons()
+        names = sorted({i.name for i in allv.values()}, key=catalog.split_fraction)
+        if self.recipe.limits.icons:
+            names = names[: self.recipe.limits.icons]
+        keep = set(names)
+        return {k: v for k, v in sorted(allv.items()) if v.name in keep}
+
+    def icon_held_out(self, icon: catalog.Icon) -> bool:
+        return catalog.split_fraction("icon:" + icon.name) < self.recipe.icon_test_fraction
+
+    @cached_property
+    def icons_pool(self) -> list[str]:
+        return [k for k, v in self.icons.items() if not self.icon_held_out(v)]
+
+    @cached_property
+    def icons_test(self) -> list[str]:
+        return [k for k, v in self.icons.items() if self.icon_held_out(v)]
+
+    @cached_property
+    def digits(self) -> list[str]:
+        keys = sorted(catalog.mnist(), key=catalog.split_fraction)
+        if self.recipe.limits.digits:
+            keys = keys[: self.recipe.limits.digits]
+        return sorted(keys)
+
+    @cached_property
+    def digits_pool(self) -> list[str]:
+        return [k for k in self.digits if catalog.split_fraction("mnist:" + k) >= self.recipe.mnist_test_fraction]
+
+    @cached_property
+    def digits_test(self) -> list[str]:
+        return [k for k in self.digits if catalog.split_fraction("mnist:" + k) < self.recipe.mnist_test_fraction]
+
+    @cached_property
+    def clipart(self) -> dict[str, catalog.Clipart]:
+        allv = catalog.clipart()
+        keys = sorted(allv, key=catalog.split_fraction)
+        if self.recipe.limits.clipart:
+            # The clip art that shows an ImageNet concept always stays in (the clip-art shift set needs it).
+            shift = set(self.clipart_shift_all)
+            keys = [k for k in keys if k in shift] + [k for k in keys if k not in shift][: self.recipe.limits.clipart]
+        return {k: allv[k] for k in sorted(keys)}
+
+    @cached_property
+    def clipart_shift_all(self) -> dict[str, str]:
+        """Clip art whose title names an ImageNet concept -> that concept: the clip-art shift set, never pooled."""
+        if "clipart" not in self.recipe.styles.shift:
+            return {}
+        names = {}
+        for h in self.imagenet:
+            names.setdefault(_title_key(self.concepts[h].name), h)
+        out = {}
+        for k, a in catalog.clipart().items():
+            t = _title_key(a.title)
+            for cand in (t, t[:-1] if t.endswith("s") else ""):
+                if cand in names:
+                    out[k] = names[cand]
+                    break
+        return out
+
+    @cached_property
+    def clipart_test(self) -> list[str]:
+        return [k for k in self.clipart if k not in self.clipart_shift_all
+                and catalog.split_fraction("clipart:" + k) < self.recipe.clipart_test_fraction]
+
+    @cached_property
+    def clipart_pool(self) -> list[str]:
+        test = set(self.clipart_test)
+        return [k for k in self.clipart if k not in self.clipart_shift_all and k not in test]
+
+    @cached_property
+    def apps(self) -> list[str]:
+        names = sorted(catalog.app_icons(), key=catalog.split_fraction)
+        if self.recipe.limits.apps:
+            names = names[: self.recipe.limits.apps]
+        return sorted(names)
+
+    # --- renders ----------------------------------------------------------------------------------------------------
+    def version(self, collection: str) -> str:
+        if collection.startswith("emoji-"):
+            return catalog.style_version(collection[len("emoji-"):])
+        src = source(COLLECTION_SOURCES[collection])
+        if src.kind == "npm":
+            return src.version
+        return check(src).installed or src.version or "unknown"  # Debian and PyPI: what is actually installed
+
+    def drawing(self, collection: str):
+        if collection.startswith("emoji-"):
+            art = self.art[collection[len("emoji-"):]]
+            return lambda k: art[k]
+        if collection == "tabler":
+            allv = catalog.icons()
+            return lambda k: ("svg", catalog.icon_svg(allv[k]))
+        if collection == "mnist":
+            m = catalog.mnist()
+            return lambda k: ("ink", m[k])
+        if collection == "sklearn-digits":
+            d = catalog.sklearn_digits()
+            return lambda k: ("ink", d[k])
+        if collection == "openclipart":
+            c = catalog.clipart()
+            return lambda k: ("svgfile", c[k].path)
+        if collection == "papirus":
+            a = catalog.app_icons()
+            return lambda k: ("svgfile", a[k])
+        raise KeyError(collection)
+
+    def render(self, collection: str, keys) -> RenderSet:
+        """Rendered images of ``keys`` (rendering what the cache lacks); failures are counted and left out."""
+        rs = ensure_rendered(collection, self.version(collection), self.recipe.render_size, list(keys),
+                             self.drawing(collection), workers=self.workers)
+        self._renders[collection] = rs
+        return rs
+
+    def rendered(self, collection: str) -> RenderSet:
+        return self._renders[collection]

@@ -1,0 +1,282 @@
+"""The micro pool and suite, tested on the nano recipe (a few thousand samples from a fixed subset of the sources)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from datafilter.micro import sources
+from datafilter.micro.recipe import NOISE_KINDS, RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+NANO = ROOT / "pools" / "nano.yaml"
+
+
+def _need_sources() -> None:
+    missing = [s for s in sources.status() if not s.ok and s.source.name != "papirus-icon-theme"]
+    if missing:
+        pytest.skip("micro sources not installed (datafilter sources install): "
+                    + ", ".join(s.source.name for s in missing))
+
+
+@pytest.fixture(scope="session")
+def nano_builds(tmp_path_factory) -> dict[str, Path]:
+    """nano's pool built twice (1 and 2 workers) and its suite, once per test session."""
+    _need_sources()
+    from datafilter.micro.poolbuild import build_pool
+    from datafilter.micro.suite import build_suite
+
+    root = tmp_path_factory.mktemp("nano")
+    recipe = load_recipe(NANO)
+    build_pool(recipe, root / "pool_a", workers=2)
+    build_pool(recipe, root / "pool_b", workers=1)
+    build_suite(recipe, root / "suite", workers=2)
+    return {"pool": root / "pool_a", "pool_b": root / "pool_b", "suite": root / "suite", "root": root}
+
+
+# --- recipes ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nbogus: 1\n", "unknown key(s) bogus"),
+    ("name: x\nimage_size: big\n", "image_size: expected an integer"),
+    ("name: x\nstyles: {pool: [noto, twemoji]}\n", "twemoji used in more than one role"),
+    ("name: x\nstyles: {pool: [comic-sans]}\n", "unknown style 'comic-sans'"),
+    ("name: x\npool: {noise: {mismatched_caption: 0.7, boilerplate_caption: 0.4}}\n", "add up to 1.10"),
+    ("name: x\npool: {noise: {typos: 0.1}}\n", "unknown noise kind 'typos'"),
+    ("name: x\npool: {augment: {scale: [1.0]}}\n", "pool.augment.scale: expected 2 values"),
+    ("- just\n- a list\n", "a recipe is a YAML mapping"),
+    ("name: [unclosed\n", "not valid YAML"),
+])
+def test_recipe_errors_name_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(path) in str(err.value)
+    assert message in str(err.value)
+
+
+def test_shipped_recipes_parse_with_disjoint_styles():
+    for name in ("micro", "nano", "scorer"):
+        r = load_recipe(ROOT / "pools" / f"{name}.yaml")
+        roles = list(r.styles.pool) + [r.styles.imagenet_test, r.styles.imagenet_train] + list(r.styles.shift)
+        assert len(roles) == len(set(roles))
+    assert sum(load_recipe(ROOT / "pools" / "scorer.yaml").pool.noise.values()) == 0
+    micro = load_recipe(ROOT / "pools" / "micro.yaml")
+    assert 0.5 <= sum(micro.pool.noise.values()) <= 0.6
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+# --- sources ---------------------------------------------------------------------------------------------------------
+def test_status_reports_missing_sources_and_what_they_affect(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATAFILTER_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(sources, "_dpkg_installed", lambda name: None if name == "fonts-symbola" else "1.0")
+    monkeypatch.setattr(sources, "debian_path", lambda name: "/somewhere")
+    sts = {s.source.name: s for s in sources.status()}
+    assert not sts["@iconify-json/twemoji"].ok and "not installed" in sts["@iconify-json/twemoji"].problem
+    assert not sts["fonts-symbola"].ok and "apt-get install -y fonts-symbola" in sts["fonts-symbola"].problem
+    assert sts["openclipart-svg"].ok
+    text = sources.format_status(list(sts.values()))
+    assert "MISSING" in text
+    assert "affects: suite: imagenet_symbola" in text
+    assert "suite: imagenet;" in text  # twemoji feeds the ImageNet test set
+    with pytest.raises(RuntimeError, match="fonts-symbola.*imagenet_symbola"):
+        sources.require(["fonts-symbola"])
+
+
+def test_install_reports_a_failed_debian_package_without_crashing(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATAFILTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sources, "install_npm", lambda: "")
+    monkeypatch.setattr(sources, "_npm_installed", lambda name: sources.source(name).version)
+    monkeypatch.setattr(sources, "_dpkg_installed", lambda name: None if name == "papirus-icon-theme" else "1")
+    monkeypatch.setattr(sources, "debian_path", lambda name: "/somewhere")
+    monkeypatch.setattr(sources, "install_debian", lambda names: {n: "apt-get install failed: E: no candidate"
+                                                                  for n in names})
+    report = sources.install()
+    assert [s.source.name for s in report.failed] == ["papirus-icon-theme"]
+    assert "no candidate" in report.failed[0].problem
+    assert json.loads((tmp_path / "cache" / "sources" / "installed.json").read_text())["papirus-icon-theme"]["ok"] \
+        is False
+
+
+# --- render cache ----------------------------------------------------------------------------------------------------
+def test_render_cache_counts_failures_and_renders_once(tmp_path, monkeypatch):
+    from datafilter.micro.render import ensure_rendered
+
+    monkeypatch.setenv("DATAFILTER_CACHE", str(tmp_path))
+    svg = '<svg xmlns="http://www.w3.org/2000/svg" width="10" height="20"><rect width="10" height="20" fill="red"/></svg>'
+    calls = []
+
+    def drawing(key):
+        calls.append(key)
+        return ("svg", svg if key != "broken" else "<svg not really")
+
+    rs = ensure_rendered("test", "1.0", 24, ["a", "broken"], drawing, workers=1)
+    assert "a" in rs and "broken" not in rs and "broken" in rs.failed
+    img = rs.get("a")
+    assert img.shape == (24, 24, 4)
+    assert img[:, :6, 3].max() == 0 and img[:, 9:15, 3].min() == 255  # letterboxed, not stretched
+    rs = ensure_rendered("test", "1.0", 24, ["a", "broken", "b"], drawing, workers=1)
+    assert calls == ["a", "broken", "b"]  # warm: only the new key was drawn; the failure was remembered
+    assert "b" in rs
+
+
+# --- the nano pool -----------------------------------------------------------------------------------------------------
+def test_same_recipe_and_seed_give_byte_identical_shards(nano_builds):
+    a, b = nano_builds["pool"], nano_builds["pool_b"]
+    names = sorted(p.name for p in a.iterdir() if p.name[:8].isdigit())
+    assert len(names) == 9
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "ground_truth.parquet").read_bytes() == (b / "ground_truth.parquet").read_bytes()
+
+
+def test_another_seed_changes_the_pool(nano_builds):
+    from datafilter.micro.poolbuild import build_pool
+
+    out = nano_builds["root"] / "pool_seed1"
+    build_pool(load_recipe(NANO).with_seed(1), out, workers=2)
+    assert (out / "00000000.tar").read_bytes() != (nano_builds["pool"] / "00000000.tar").read_bytes()
+
+
+def test_ground_truth_matches_recipe_proportions_and_stays_out_of_shards(nano_builds):
+    from datafilter.pool import Pool
+
+    recipe = load_recipe(NANO)
+    pool = Pool(nano_builds["pool"])
+    gt = pq.read_table(nano_builds["pool"] / "ground_truth.parquet").to_pandas()
+    assert sorted(gt["uid"]) == sorted(pool.metadata(["uid"]).column("uid").to_pylist())
+    counts = gt["noise"].value_counts().to_dict()
+    planned = recipe.pool.size
+    assert pool.num_samples >= planned * 0.99  # only render failures may drop samples
+    for kind in NOISE_KINDS:
+        want = planned * recipe.pool.noise[kind]
+        assert abs(counts.get(kind, 0) - want) <= 0.02 * planned, (kind, counts.get(kind), want)
+    assert abs(counts["clean"] / planned - (1 - sum(recipe.pool.noise.values()))) < 0.02
+    assert set(gt["noise"]) == {"clean", *NOISE_KINDS}
+    assert not {"noise", "part", "concept", "style"} & set(pool.columns())
+    assert set(pool.column("source")) <= {"emoji", "icon", "clipart", "digits"}
+    stats = json.loads((nano_builds["pool"] / "00000000_stats.json").read_text())
+    assert stats["input"] == stats["written"] + sum(stats["skipped"].values())
+
+
+def test_noise_is_what_the_ground_truth_says(nano_builds):
+    """Spot checks that the labels describe the samples: spam repeats captions, boilerplate looks like boilerplate,
+    non-English captions are identified as another language."""
+    import py3langid
+
+    from datafilter.pool import Pool
+
+    pool = Pool(nano_builds["pool"])
+    text = dict(zip(pool.metadata(["uid"]).column("uid").to_pylist(), pool.column("text")))
+    gt = pq.read_table(nano_builds["pool"] / "ground_truth.parquet").to_pandas()
+    spam = [text[u] for u in gt.loc[gt.noise == "near_duplicate_spam", "uid"]]
+    assert len(set(spam)) <= load_recipe(NANO).pool.spam_groups
+    foreign = [text[u] for u in gt.loc[gt.noise == "non_english_caption", "uid"]]
+    english = sum(py3langid.classify(t)[0] == "en" for t in foreign)
+    assert english < 0.3 * len(foreign)
+
+
+def test_pool_contact_sheet_has_one_tile_per_sample(nano_builds, tmp_path):
+    from datafilter.cli import main
+    from datafilter.micro.sheet import grid_size
+
+    out = tmp_path / "sheet.png"
+    assert main(["pool", "show", str(nano_builds["pool"]), "--out", str(out), "-n", "20"]) == 0
+    im = Image.open(out)
+    assert im.info["tiles"] == "20"
+    assert im.size == grid_size(20)
+
+
+# --- the nano suite ----------------------------------------------------------------------------------------------------
+def test_suite_layout_is_readable_by_webdataset(nano_builds):
+    import webdataset as wds
+
+    suite = nano_builds["suite"]
+    meta = json.loads((suite / "suite.json").read_text())
+    groups = {t["group"] for t in meta["tasks"]}
+    assert groups == {"imagenet", "imagenet_shift", "vtab", "retrieval"}
+    assert sum(t["group"] == "imagenet_shift" for t in meta["tasks"]) >= 4
+    assert sum(t["group"] == "vtab" for t in meta["tasks"]) >= 8
+    assert meta["reference_sets"] == {"imagenet_train": "imagenet/train"}
+    for t in meta["tasks"] + [{"path": "imagenet", "type": "classification", "split": "train"}]:
+        d = suite / t["path"]
+        split = t.get("split", "test")
+        n = int((d / split / "nshards.txt").read_text())
+        urls = [str(d / split / f"{i}.tar") for i in range(n)]
+        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil")
+        samples = list(ds)
+        assert len(samples) == t.get("num_samples", len(samples)) > 0
+        first = samples[0]
+        assert first["png"].size == (40, 40)
+        if t["type"] == "classification":
+            classes = (d / "classnames.txt").read_text().splitlines()
+            templates = (d / "zeroshot_classification_templates.txt").read_text().splitlines()
+            assert all("{c}" in tpl for tpl in templates)
+            labels = [int(s["cls"]) for s in samples]
+            assert 0 <= min(labels) and max(labels) < len(classes)
+        else:
+            assert all(s["txt"].strip() for s in samples)
+
+
+def test_no_evaluation_image_or_near_copy_is_in_the_pool(nano_builds):
+    from datafilter.micro.overlap import check_suite
+
+    recipe = load_recipe(NANO)
+    meta = json.loads((nano_builds["suite"] / "suite.json").read_text())
+    assert meta["overlap"]["eval_images_checked"] > 1000 and meta["overlap"]["pool_images_checked"] > 500
+    assert meta["overlap"]["max_similarity_kept"] < recipe.suite.near_duplicate_threshold
+    result = check_suite(nano_builds["suite"], nano_builds["pool"], recipe.suite.near_duplicate_threshold)
+    assert result["pool_images"] > 2900
+    assert result["exact"] == 0
+    assert result["near_duplicate"] == 0, {k: v for k, v in result["by_task"].items() if v["near_duplicate"]}
+
+
+def test_overlap_check_catches_a_planted_copy(nano_builds, tmp_path):
+    """The check must be able to fail: a pool holding a re-encoded, jittered evaluation image is caught."""
+    from datafilter.micro.overlap import check_suite
+    from datafilter.micro.suite import read_task
+    from datafilter.pool import ImageConfig, ShardWriter, make_uid
+
+    images, _ = read_task(nano_builds["suite"] / "imagenet")
+    (tmp_path / "leaky").mkdir()
+    w = ShardWriter(tmp_path / "leaky", 0, ImageConfig(max_side=40, encode_format="jpg"))
+    jittered = np.clip(images[3].astype(int) + np.random.default_rng(0).integers(-8, 9, images[3].shape), 0, 255)
+    for i, im in enumerate([images[3], jittered.astype(np.uint8)]):
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, "PNG")
+        w.add(buf.getvalue(), "a copy", make_uid("leak", str(i)))
+    w.close()
+    result = check_suite(nano_builds["suite"], tmp_path / "leaky", 0.95)
+    assert result["by_task"]["imagenet"]["near_duplicate"] >= 1
+
+
+def test_suite_contact_sheets_one_per_set(nano_builds, tmp_path):
+    from datafilter.cli import main
+
+    assert main(["suite", "show", str(nano_builds["suite"]), "--out", str(tmp_path / "sheets"), "-n", "8"]) == 0
+    meta = json.loads((nano_builds["suite"] / "suite.json").read_text())
+    made = sorted(p.stem for p in (tmp_path / "sheets").glob("*.png"))
+    assert made == sorted([t["name"] for t in meta["tasks"]] + ["imagenet_train"])
+    assert all(Image.open(p).info["tiles"] == "8" for p in (tmp_path / "sheets").glob("*.png"))
+
+
+def test_cli_builds_nano_without_arguments_beyond_the_recipe(tmp_path, monkeypatch):
+    _need_sources()
+    from datafilter.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    os.symlink(ROOT / "pools", tmp_path / "pools")
+    assert main(["pool", "build", "pools/nano.yaml", "--workers", "1", "--seed", "3"]) == 0
+    gt = pq.read_table(tmp_path / "work" / "pools" / "nano" / "ground_truth.parquet")
+    assert gt.num_rows > 2900

@@ -1,0 +1,78 @@
+"""The offline scorer: cached by pool and recipe, found by ``default_scorer_spec``, checkpoints checked on load."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import write_toy_pool
+from datafilter.cli import main
+from datafilter.common.files import read_json, sha256_file
+from datafilter.models import CheckpointError, ModelSpec, create_model, load_model, save_checkpoint
+from datafilter.train.scorer import SCORER_CONFIG, SCORER_VERSION, default_scorer_spec, list_scorers, train_scorer
+from test_evaluate import write_toy_suite
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATAFILTER_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_recipe(**kw):
+    return replace(SCORER_CONFIG, model="datafilter-nano-vit", samples_seen=64 * 30, batch_size=64, lr=5e-3,
+                   warmup=3, checkpoint_every=1000, decode_workers=1, **kw)
+
+
+def test_no_scorer_says_how_to_build_one():
+    with pytest.raises(FileNotFoundError, match="datafilter scorer train"):
+        default_scorer_spec()
+
+
+def test_scorer_is_trained_cached_evaluated_and_found(tmp_path, capsys):
+    pool = write_toy_pool(tmp_path / "pool", n=96, shard_size=32)
+    suite = write_toy_suite(tmp_path / "suite")
+    info = train_scorer(pool, suite, tiny_recipe(), threads=1)
+    stored = read_json(tmp_path / "cache" / "scorer" / info["key"] / "scorer.json")
+    ckpt = tmp_path / "cache" / "scorer" / info["key"] / stored["checkpoint"]
+    assert stored["checkpoint_sha256"] == sha256_file(ckpt)
+    assert stored["version"] == SCORER_VERSION and stored["model"] == "datafilter-nano-vit"
+    assert stored["config"]["samples_seen"] == 64 * 30 and stored["pool_id"]
+    tasks = stored["zeroshot"]["tasks"]
+    assert tasks["things"]["main"] > 2 * tasks["things"]["chance"]
+
+    spec = default_scorer_spec()
+    assert spec == ModelSpec("datafilter-nano-vit", checkpoint=str(ckpt))
+    assert load_model(spec).checkpoint_id == stored["checkpoint_sha256"]
+
+    # Same pool and recipe: found, not retrained. Another recipe: another cache entry, and the newest is the default.
+    assert train_scorer(pool, None, tiny_recipe())["created"] == stored["created"]
+    other = train_scorer(pool, None, tiny_recipe(seed=1), threads=1)
+    assert other["key"] != info["key"] and len(list_scorers()) == 2
+    assert default_scorer_spec().checkpoint.startswith(other["path"])
+
+    assert main(["scorer", "eval", "--key", info["key"][:8]]) == 0
+    out = capsys.readouterr().out
+    assert "things" in out and "8.33%" in out  # chance of the 12-way task is printed beside the accuracy
+    assert main(["scorer", "eval", "--key", other["key"]]) == 2  # no stored results and no --suite
+
+
+def test_checkpoints_are_checked_against_the_model_name_and_read_weights_only(tmp_path, capfd):
+    model, *_ = create_model("datafilter-nano-vit")
+    path = save_checkpoint(model, "datafilter-nano-vit", tmp_path / "nano.pt")
+    with pytest.raises(CheckpointError, match="holds a 'datafilter-nano-vit' model, not 'datafilter-micro-vit'"):
+        load_model(ModelSpec("datafilter-micro-vit", checkpoint=str(path)))
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    with pytest.raises(CheckpointError, match="not a loadable weights-only checkpoint"):
+        load_model(ModelSpec("datafilter-nano-vit", checkpoint=str(evil)))
+    assert "code ran" not in capfd.readouterr().out
