@@ -4,13 +4,15 @@ In one run, for each model, alternating for R rounds:
   (a) bare forward: both towers on batches of preprocessed image tensors and tokens already in memory (on the
       model's device), with the same batch size, precision and intra-op threads as the pipeline;
   (b) the full ``embed_pool``: read shards, decode, tokenise (in workers), both towers, write the shard files.
-Prints samples/s of each, the ratio (b)/(a) per round and the median ratio. Target: >= 0.9.
+Prints samples/s of each, the ratio (b)/(a) per round and the median ratio (target: >= 0.9), and the CPU time each
+takes: on a machine whose cores are all busy, wall-clock throughput follows CPU time, and the CPU ratio says how much
+of the pipeline's CPU goes to the model.
 
 Models have random weights (speed does not depend on them); the pool is synthetic shapes stored at ``--image-side``
 (default: the model's input size, as in the project's micro pools; pass e.g. 256 for DataComp-like JPEGs).
 
     python benchmarks/bench_embed.py                                  # datafilter-scorer-vit, datafilter-micro-vit
-    python benchmarks/bench_embed.py --models ViT-B-32 --samples 20000 --image-side 256 --workers 8   # on a GPU
+    python benchmarks/bench_embed.py --models ViT-B-32 --samples 20000 --image-side 256 --workers 4 8   # on a GPU
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import resource
 import shutil
 import statistics
 import tempfile
@@ -86,50 +89,79 @@ def bare_forward(embedder: Embedder, images: torch.Tensor, tokens: torch.Tensor,
     return time.perf_counter() - t0
 
 
-def bench_model(name: str, args: argparse.Namespace, root: Path) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its finished children (decoding workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``fn()``."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def bench_model(name: str, args: argparse.Namespace, root: Path) -> dict[int, float]:
     device = pick_device(args.device)
     model = load_model(ModelSpec(name), device=device, seed=0)
     side = args.image_side or model.image_size
     pool = make_pool(root / f"pool-{name}-{side}", args.samples, args.shard_size, side)
-    threads = args.threads or max(1, free_cores() - args.workers)
-    cfg = EmbedConfig(batch_size=args.batch_size, workers=args.workers, threads=threads, progress=False)
-    embedder = Embedder(model, cfg)
+    threads = args.threads or max(1, free_cores() - max(1, *args.workers))
+    cfgs = {w: EmbedConfig(batch_size=args.batch_size, workers=w, threads=threads, progress=False)
+            for w in args.workers}
+    embedder = Embedder(model, cfgs[args.workers[0]])
     if device.type == "cpu":
         torch.set_num_threads(threads)
     images, tokens = bare_inputs(pool, embedder)
     n = pool.num_samples
     store = EmbeddingStore(pool, "bench")
 
-    def pipeline() -> float:
+    def pipeline(cfg: EmbedConfig) -> None:
         shutil.rmtree(store.dir, ignore_errors=True)
-        t0 = time.perf_counter()
         embed_pool(pool, model, space="bench", cfg=cfg)
-        return time.perf_counter() - t0
+
+    def bare() -> None:
+        bare_forward(embedder, images, tokens, args.batch_size)
 
     bare_forward(embedder, images[: args.batch_size], tokens[: args.batch_size], args.batch_size)  # warm-up
-    pipeline()
+    for cfg in cfgs.values():
+        pipeline(cfg)
     print(f"\n{name}: {n} samples of {side}x{side}, batch {args.batch_size}, device {device}, precision "
-          f"{embedder.precision}, {args.workers} decoding worker(s), {threads} model thread(s)")
-    print(f"{'round':>5} {'bare samples/s':>15} {'pipeline samples/s':>19} {'ratio':>6}")
-    ratios = []
+          f"{embedder.precision}, {threads} model thread(s); pipeline with {' / '.join(map(str, cfgs))} decoding "
+          f"worker(s) (0: a decoding thread)")
+    print("wall: samples/s; cpu: CPU ms per 1,000 samples (all threads and worker processes); ratio = pipeline / bare "
+          "in samples/s, cpu ratio = bare CPU / pipeline CPU")
+    print(f"{'round':>5} {'workers':>7} {'bare/s':>8} {'pipeline/s':>10} {'ratio':>6} {'bare cpu':>9} "
+          f"{'pipe cpu':>9} {'cpu ratio':>9}")
+    ratios: dict[int, list[float]] = {w: [] for w in cfgs}
+    cpu_ratios: dict[int, list[float]] = {w: [] for w in cfgs}
     for r in range(args.rounds):
-        bare = n / bare_forward(embedder, images, tokens, args.batch_size)
-        piped = n / pipeline()
-        ratios.append(piped / bare)
-        print(f"{r:>5} {bare:>15,.0f} {piped:>19,.0f} {ratios[-1]:>6.3f}")
-    med = statistics.median(ratios)
-    print(f"median ratio pipeline / bare forward: {med:.3f} (target >= 0.9)")
-    return med
+        for w, cfg in cfgs.items():
+            bare_wall, bare_cpu = timed(bare)
+            pipe_wall, pipe_cpu = timed(lambda: pipeline(cfg))
+            ratios[w].append(bare_wall / pipe_wall)
+            cpu_ratios[w].append(bare_cpu / pipe_cpu)
+            print(f"{r:>5} {w:>7} {n / bare_wall:>8,.0f} {n / pipe_wall:>10,.0f} {ratios[w][-1]:>6.3f} "
+                  f"{bare_cpu / n * 1e6:>9,.0f} {pipe_cpu / n * 1e6:>9,.0f} {cpu_ratios[w][-1]:>9.3f}")
+    out = {}
+    for w in cfgs:
+        out[w] = statistics.median(ratios[w])
+        print(f"median ratio pipeline / bare forward, {w} worker(s): {out[w]:.3f} (target >= 0.9); "
+              f"median CPU ratio {statistics.median(cpu_ratios[w]):.3f}")
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["datafilter-scorer-vit", "datafilter-micro-vit"])
     p.add_argument("--samples", type=int, default=4096)
-    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--shard-size", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--workers", type=int, default=1, help="decoding processes of the pipeline")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1],
+                   help="decoding processes of the pipeline; several values are measured side by side")
     p.add_argument("--threads", type=int, default=None, help="model threads on CPU (default: free cores - workers)")
     p.add_argument("--image-side", type=int, default=None, help="stored image side (default: the model's input)")
     p.add_argument("--device", default="auto")
@@ -139,7 +171,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         results = {name: bench_model(name, args, root) for name in args.models}
-    print("\nsummary (median ratio): " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
+    print("\nsummary (median ratio): " + "; ".join(f"{k} " + ", ".join(f"{w} worker(s) {r:.3f}" for w, r in v.items())
+                                                for k, v in results.items()))
 
 
 if __name__ == "__main__":

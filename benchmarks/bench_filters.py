@@ -33,7 +33,7 @@ SHARD = 50_000
 SPACES = {"img768": 768, "pair512": 512}
 
 
-# --- data -----------------------------------------------------------------------------------------------------------------
+# --- data -------------------------------------------------------------------------------------------------------------
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -101,7 +101,7 @@ def make_data(n: int, root: Path, seed: int = 0) -> Path:
     return pool_dir
 
 
-# --- measuring ------------------------------------------------------------------------------------------------------------
+# --- measuring --------------------------------------------------------------------------------------------------------
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -147,6 +147,31 @@ def run_ours(pool: str, space: str, name: str, params: dict) -> dict:
     emb_mb = sum(a.nbytes for k, a in view._cache.items() if k in ("image", "text")) / 2**20
     return {"s": round(t1 - t0, 2), "kept": res.kept, "phases": phases, "details": res.extra,
             "embeddings_read_mb": round(emb_mb)}
+
+
+def knn_recall(pool: str, space: str, queries: int = 500, k: int = 10) -> dict:
+    """Recall@k of D²'s default kNN graph against brute force, and how close its distances are, on sampled rows."""
+    from datafilter.filters import FilterView
+    from datafilter.filters.ops import Rows, knn_graph
+
+    view = FilterView.from_pool(pool, space=space)
+    src = Rows([view.image_embeddings(), view.text_embeddings()])
+    t0 = time.perf_counter()
+    ids, dist, method = knn_graph(src, k)
+    elapsed = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    q = np.sort(rng.choice(len(src), queries, replace=False))
+    full = src.get(slice(None))
+    d = ((full[q, None, :] - full[None, :, :]) ** 2).sum(-1) if len(src) * queries < 5e7 else None
+    if d is None:
+        d = np.stack([((full - full[i]) ** 2).sum(1) for i in q])
+    d[np.arange(len(q)), q] = np.inf
+    exact = np.argsort(d, axis=1)[:, :k]
+    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids[q], exact)]))
+    true_d = np.take_along_axis(d, ids[q], 1)
+    rel = float(np.median(np.abs(dist[q] - true_d) / np.maximum(true_d, 1e-9)))
+    return {"s": round(elapsed, 2), "method": method, "recall_at_k": round(recall, 3),
+            "median_relative_distance_error": round(rel, 3)}
 
 
 def run_datacomp_clip(repo: str, dc_dir: str, fraction: float) -> dict:
@@ -238,21 +263,19 @@ def whole_process(cmd: list[str]) -> dict:
             "rc": os.waitstatus_to_exitcode(status)}
 
 
-# --- the plan -------------------------------------------------------------------------------------------------------------
+# --- the plan ---------------------------------------------------------------------------------------------------------
 def plan(n: int, args) -> list[tuple[str, str, dict]]:
     """(label, space, params) of our runs at size n."""
-    runs = [("clip_score", "img768", {}),
-            ("image_based", "img768", {"caption_filter": False, "kmeans_sample": args.kmeans_sample,
-                                       "niter": args.niter}),
-            ("d2_pruning", "pair512", {"k": 10})]
+    fast = {"caption_filter": False, "kmeans_sample": n // 4, "niter": args.niter, "pca_dim": args.pca_dim,
+            "candidates": args.candidates}
+    runs = [("clip_score", "img768", {}), ("image_based", "img768", fast), ("d2_pruning", "pair512", {"k": 10})]
     if n <= args.datacomp_setting_max:
         runs.append(("image_based@datacomp", "img768", {"caption_filter": False, "kmeans_sample": 0, "niter": 20}))
     if n <= args.all_max:
         runs += [("none", "img768", {}), ("random", "img768", {}), ("basic", "img768", {"language": ""}),
-                 ("semdedup", "img768", {"kmeans_sample": args.kmeans_sample, "niter": args.niter}),
+                 ("semdedup", "img768", {"kmeans_sample": n // 4, "niter": args.niter}),
                  ("negclip", "img768", {}), ("normsim", "img768", {}), ("vae_outlier", "img768", {"epochs": 2}),
-                 ("image_based_clip_score", "img768", {"caption_filter": False, "kmeans_sample": args.kmeans_sample,
-                                                       "niter": args.niter})]
+                 ("image_based_clip_score", "img768", fast)]
     return runs
 
 
@@ -262,6 +285,8 @@ def main() -> None:
         if kind == "ours":
             pool, space, name, params = rest
             res = run_ours(pool, space, name, json.loads(params))
+        elif kind == "knn_recall":
+            res = knn_recall(*rest)
         elif kind == "data":
             make_data(int(rest[0]), Path(rest[1]))
             res = {}
@@ -276,8 +301,10 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(ROOT / "work" / "bench_filters"))
     ap.add_argument("--repeats", type=int, default=1, help="runs per measurement; medians are reported")
     ap.add_argument("--only", nargs="*", help="labels to run (default: all planned)")
-    ap.add_argument("--kmeans-sample", type=int, default=64_000, help="image-based/SemDeDup fast setting")
-    ap.add_argument("--niter", type=int, default=10)
+    ap.add_argument("--niter", type=int, default=10, help="k-means iterations of the fast image-based setting "
+                    "(which also trains on a quarter of the pool)")
+    ap.add_argument("--pca-dim", type=int, default=64, help="PCA dimensions of the fast image-based setting")
+    ap.add_argument("--candidates", type=int, default=8, help="candidate centroids of the fast image-based setting")
     ap.add_argument("--datacomp-setting-max", type=int, default=100_000,
                     help="largest size at which image-based also runs with DataComp's setting (all points, 20 it.)")
     ap.add_argument("--all-max", type=int, default=100_000, help="largest size at which every built-in runs")
@@ -305,10 +332,16 @@ def main() -> None:
                        "--out", str(root / "clip_cli.npy")]
                 measurements.append(("clip_score (whole CLI process)",
                                      [whole_process(cmd) for _ in range(args.repeats)]))
+                api = ("from datafilter.filters.harness import filter_pool; "
+                       f"filter_pool('clip_score', {str(pool)!r}, {str(root / 'clip_api.npy')!r}, space={space!r})")
+                measurements.append(("clip_score (whole process, Python API)",
+                                     [whole_process([sys.executable, "-c", api]) for _ in range(args.repeats)]))
                 if args.datacomp_repo:
                     measurements.append(("  DataComp clip score", [child(["datacomp_clip", args.datacomp_repo,
                                                                           str(root / "datacomp_img768"), "0.3"])
                                                                     for _ in range(args.repeats)]))
+            if name == "d2_pruning" and n <= args.all_max:
+                measurements.append(("  d2 kNN graph vs brute force", [child(["knn_recall", str(pool), space])]))
             if name == "d2_pruning" and args.d2pruning_repo:
                 measurements.append(("  d2pruning (IVF-PQ)", [child(["d2pruning", args.d2pruning_repo,
                                                                      str(root / "datacomp_pair512"),
@@ -318,8 +351,8 @@ def main() -> None:
                 report(n, *m)
         results.append({"n": n, "runs": {label: reps for label, reps in measurements}})
         _ratios(measurements)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 def _median(reps: list[dict], key: str):
@@ -334,7 +367,8 @@ def report(n: int, label: str, reps: list[dict]) -> None:
     inner = _median(reps, "s")
     line = f"{label:<34} process {_median(reps, 'process_s'):>7.2f} s  peak {_median(reps, 'process_peak_mb'):>6} MB"
     if inner is not None:
-        line += f"  (filter {inner:.2f} s, kept {reps[0].get('kept', '?'):,})"
+        kept = reps[0].get("kept")
+        line += f"  (filter {inner:.2f} s" + (f", kept {kept:,})" if kept is not None else ")")
     if reps[0].get("embeddings_read_mb"):
         line += f"  embeddings read {reps[0]['embeddings_read_mb']} MB"
     print(line, flush=True)
@@ -344,11 +378,16 @@ def report(n: int, label: str, reps: list[dict]) -> None:
         print(f"    {phase:<28} {s:>8.2f} s{peak}", flush=True)
     if reps[0].get("details"):
         print(f"    details: {reps[0]['details']}", flush=True)
+    if "recall_at_k" in reps[0]:
+        print(f"    recall@10 {reps[0]['recall_at_k']}, median relative distance error "
+              f"{reps[0]['median_relative_distance_error']}", flush=True)
 
 
 def _ratios(measurements: list[tuple[str, list]]) -> None:
     got = {label: _median(reps, "process_s") for label, reps in measurements if not any("error" in r for r in reps)}
-    pairs = [("clip_score (whole CLI process)", "  DataComp clip score"), ("d2_pruning", "  d2pruning (IVF-PQ)"),
+    pairs = [("clip_score (whole CLI process)", "  DataComp clip score"),
+             ("clip_score (whole process, Python API)", "  DataComp clip score"),
+             ("d2_pruning", "  d2pruning (IVF-PQ)"),
              ("image_based", "image_based@datacomp")]
     for ours, theirs in pairs:
         if got.get(ours) and got.get(theirs):

@@ -166,16 +166,16 @@ def test_resume_after_sigkill_gives_the_same_files(tmp_path, nano):
     assert _space_files(store) == uninterrupted  # byte-identical, and no temporary files left behind
 
 
-def test_two_workers_equal_one(tmp_path, nano):
+def test_worker_count_does_not_change_the_files(tmp_path, nano):
     pool = Pool(write_toy_pool(tmp_path / "pool", n=72, shard_size=16))
     files = {}
-    for workers in (1, 2):
+    for workers in (0, 1, 2):
         space = f"w{workers}"
         result = embed_pool(pool, nano, space=space, cfg=EmbedConfig(batch_size=8, workers=workers, threads=1,
                                                                      progress=False))
         assert len(result.written) == 5
         files[workers] = _space_files(EmbeddingStore(pool, space))
-    assert files[1] == files[2]
+    assert files[0] == files[1] == files[2]
 
 
 def test_ranks_split_shards_disjointly_and_cover_all(tmp_path, nano, monkeypatch):
@@ -318,3 +318,14 @@ def test_tar_reader_rejects_damage_naming_the_file(tmp_path):
     path.write_bytes(raw[:10] + b"Z" + raw[11:])
     with pytest.raises(PoolError, match=r"x\.tar: corrupt tar header \(bad checksum"):
         list(tar_members(path))
+
+
+def test_embedding_file_from_another_model_is_refused(tmp_path, nano):
+    pool = Pool(write_toy_pool(tmp_path / "pool", n=32, shard_size=16))
+    result = embed_pool(pool, nano, cfg=CFG)
+    store = EmbeddingStore(pool, result.space)
+    path = store.paths(pool.shards[1])[0]
+    np.save(path, np.zeros((16, 128), np.float16))  # e.g. copied over from a 128-wide model's space
+    with pytest.raises(EmbeddingError, match=rf"{path.name}: float16 vectors of width 128, but space .* width 64"):
+        store.all_image()
+    assert store.all_text().shape == (32, 64)  # the other files still read

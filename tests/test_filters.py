@@ -138,10 +138,25 @@ def test_image_based_keeps_exactly_the_reference_blobs_and_intersects_with_clip_
     view = FilterView.from_pool(pool)
     res = run("image_based", view, clusters=12, caption_filter=False)
     assert np.array_equal(res.uids, sort_uids(arr["uids"][np.isin(blob, [1, 4])]))
+    fast = run("image_based", view, clusters=12, caption_filter=False, pca_dim=4, kmeans_sample=64, candidates=3)
+    assert np.array_equal(fast.uids, res.uids) and fast.extra["kmeans_points"] == 64
     both = run("image_based_clip_score", view, clusters=12, caption_filter=False, fraction=0.5)
     clip = top_fraction_mask(arr["score"], 0.5)
     assert np.array_equal(both.uids, sort_uids(arr["uids"][np.isin(blob, [1, 4]) & clip]))
     assert sum(both.counts.values()) + both.kept == 96
+
+
+def test_two_step_nearest_centroid_is_exact_when_all_centroids_are_candidates():
+    from datafilter.filters.ops import PCA, nearest_centroid, nearest_centroid_pca
+
+    rng = np.random.default_rng(14)
+    basis = rng.normal(size=(6, 24))  # data near a 6-dimensional subspace, as embeddings mostly are
+    x = unit(rng.normal(size=(500, 6)) @ basis + 0.05 * rng.normal(size=(500, 24))).astype(np.float16)
+    centroids = (x[:40].astype(np.float32) * rng.uniform(0.5, 1.5, (40, 1))).astype(np.float32)  # unequal norms
+    pca = PCA(x.astype(np.float32), 6)
+    exact = nearest_centroid(x, np.arange(500), centroids)
+    assert np.array_equal(nearest_centroid_pca(x, np.arange(500), centroids, pca, 40), exact)
+    assert (nearest_centroid_pca(x, np.arange(500), centroids, pca, 4) == exact).mean() > 0.95
 
 
 # --- D² pruning -------------------------------------------------------------------------------------------------------
@@ -205,19 +220,24 @@ def test_d2_filter_equals_brute_force_on_exact_neighbours(features):
 
 def test_knn_neighbours_belong_to_their_rows_with_duplicates_and_ivf():
     rng = np.random.default_rng(8)
-    x = unit(rng.normal(size=(3000, 32))).astype(np.float32)
+    centres = rng.normal(size=(30, 32))
+    x = unit(centres[rng.integers(0, 30, 3000)] + 0.3 * rng.normal(size=(3000, 32))).astype(np.float32)
     x[10] = x[11]  # exact duplicate: the self match may not come first
     ids, dist, method = knn_graph(x, 5, method="flat")
     assert method == "flat" and not (ids == np.arange(3000)[:, None]).any()
     assert ids[10, 0] == 11 and dist[10, 0] < 1e-5
     brute = np.argsort(((x[:200, None] - x[None]) ** 2).sum(-1) + np.eye(200, 3000) * 1e9, axis=1)[:, :5]
     assert (ids[:200] == brute).mean() > 0.99
-    ids_ivf, dist_ivf, _ = knn_graph(x, 5, method="ivf", pca_dim=0, nprobe=64)
+    ids_ivf, dist_ivf, _ = knn_graph(x, 5, method="ivf", pca_dim=0, nprobe=8)
     assert not (ids_ivf == np.arange(3000)[:, None]).any()
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids_ivf, ids)])
     assert recall > 0.9
     exact = ((x[:, None] - x[ids_ivf[:, :1].ravel()][:, None]) ** 2).sum(-1)[:, 0]
     assert np.allclose(dist_ivf[:, 0], exact, atol=1e-4)
+    # lists made on a PCA projection: distances are still exact in the full space
+    ids_pca, dist_pca, _ = knn_graph(x, 5, method="ivf", pca_dim=16, nprobe=8)
+    exact = ((x[:, None] - x[ids_pca.ravel()].reshape(3000, 5, 32)) ** 2).sum(-1)
+    assert np.allclose(dist_pca, exact, atol=1e-4) and np.all(np.diff(ids_pca, axis=1) != 0)
 
 
 # --- SemDeDup ---------------------------------------------------------------------------------------------------------
@@ -406,10 +426,10 @@ def test_unknown_filter_and_parameter_get_did_you_mean():
 
 def test_config_typing_and_yaml(tmp_path):
     cfg_file = tmp_path / "d2.yaml"
-    cfg_file.write_text("params:\n  k: 7\n  features: image\n  exact_distances: false\n")
+    cfg_file.write_text("params:\n  k: 7\n  features: image\n  nprobe: 6\n")
     params = parse_params(["gamma=0.5"], cfg_file)
     flt, _ = load_filter("d2_pruning", params)
-    assert (flt.config.k, flt.config.features, flt.config.exact_distances, flt.config.gamma) == (7, "image", False, 0.5)
+    assert (flt.config.k, flt.config.features, flt.config.nprobe, flt.config.gamma) == (7, "image", 6, 0.5)
     with pytest.raises(ValueError, match="not one of"):
         load_filter("d2_pruning", {"features": "audio"})
     assert flt.required() == ("scores", "image_embeddings")
@@ -451,3 +471,24 @@ def test_cli_list_show_and_run(tmp_path, capsys):
     assert meta["filter"] == "clip_score" and meta["params"]["fraction"] == 0.5 and meta["space"] == SPACE
     assert meta["input"] == 48 and meta["kept"] == len(uids) and meta["pool_id"]
     assert main(["filter", "clip_scor", str(pool), "--out", str(out)]) == 2
+
+
+def test_view_from_datacomp_metadata_runs_the_same_filters(tmp_path):
+    """DataComp's released layout (parquet + npz with b32/l14 arrays) feeds the filters unchanged."""
+    import pyarrow.parquet as pq
+
+    view, arr = array_view(60, seed=13)
+    hexes = uids_to_hex(arr["uids"])
+    zero = arr["image"].copy()
+    zero[5] = 0  # DataComp marks missing embeddings with zero vectors
+    for i, (lo, hi) in enumerate([(0, 30), (30, 60)]):
+        pq.write_table(pa.table({"uid": hexes[lo:hi], "text": ["x"] * (hi - lo),
+                                 "clip_l14_similarity_score": arr["score"][lo:hi]}), tmp_path / f"{i:08d}.parquet")
+        np.savez(tmp_path / f"{i:08d}.npz", l14_img=zero[lo:hi].astype(np.float16),
+                 l14_txt=arr["text"][lo:hi].astype(np.float16))
+    dc = FilterView.from_datacomp(tmp_path, "l14")
+    res = run("clip_score", dc, fraction=0.5)
+    s = arr["score"].copy()
+    s[5] = np.nan
+    assert np.array_equal(res.uids, sort_uids(arr["uids"][top_fraction_mask(s, 0.5)]))
+    assert res.counts["no_embedding"] == 1

@@ -317,3 +317,33 @@ def test_files_over_the_size_limit_are_skipped_unread(tmp_path: Path):
     write(tmp_path / "src" / "small.txt", "small")
     out = ingest(tmp_path / "src", tmp_path / "pool", config("folder", max_file_bytes=20_000))
     assert check_reconciles(out, expected_input=2)["skipped"] == {"file_too_large": 1}
+
+
+def test_in_place_rewrite_killed_after_replacing_the_tar_resumes_from_the_kept_original(tmp_path: Path):
+    src = tmp_path / "src"
+    make_img2dataset_folder(src)
+    # the state a kill leaves between "new tar in place" and "stats written": the original waits as .source.tar
+    os.link(src / "00001.tar", src / "00001.source.tar")
+    with tarfile.open(tmp_path / "new.tar", "w") as tf:
+        _add(tf, "100000000.jpg", image_bytes(seed=22))
+        _add(tf, "100000000.txt", b"fine")
+    os.replace(tmp_path / "new.tar", src / "00001.tar")  # a new file, as the atomic writer makes it
+    ingest(src, None, config("shards"))
+    stats = json.loads((src / "00001_stats.json").read_text())
+    assert (stats["input"], stats["written"]) == (5, 1)  # counted from the original, not the half-done rewrite
+    assert not (src / "00001.source.tar").exists()
+    check_reconciles(src, expected_input=14)
+
+
+def test_a_producer_uid_repeated_across_shards_is_reported(tmp_path: Path, caplog):
+    import webdataset as wds
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for shard in range(2):
+        with wds.TarWriter(str(src / f"{shard:05d}.tar")) as tw:
+            tw.write({"__key__": f"{shard}0000", "jpg": image_bytes(seed=shard), "txt": "same uid",
+                      "json": json.dumps({"uid": "ab" * 16}).encode()})
+    with caplog.at_level("WARNING"):
+        out = ingest(src, tmp_path / "pool", config("shards"))
+    assert Pool(out).num_samples == 2 and "1 sample(s) repeat the uid" in caplog.text

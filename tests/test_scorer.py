@@ -24,8 +24,8 @@ def _cache(tmp_path, monkeypatch):
 
 
 def tiny_recipe(**kw):
-    return replace(SCORER_CONFIG, model="datafilter-nano-vit", samples_seen=64 * 30, batch_size=64, lr=5e-3,
-                   warmup=3, checkpoint_every=1000, decode_workers=1, **kw)
+    return replace(SCORER_CONFIG, model="datafilter-nano-vit", samples_seen=64 * 60, batch_size=64, lr=5e-3,
+                   warmup=5, checkpoint_every=1000, decode_workers=1, **kw)
 
 
 def test_no_scorer_says_how_to_build_one():
@@ -41,7 +41,7 @@ def test_scorer_is_trained_cached_evaluated_and_found(tmp_path, capsys):
     ckpt = tmp_path / "cache" / "scorer" / info["key"] / stored["checkpoint"]
     assert stored["checkpoint_sha256"] == sha256_file(ckpt)
     assert stored["version"] == SCORER_VERSION and stored["model"] == "datafilter-nano-vit"
-    assert stored["config"]["samples_seen"] == 64 * 30 and stored["pool_id"]
+    assert stored["config"]["samples_seen"] == 64 * 60 and stored["pool_id"]
     tasks = stored["zeroshot"]["tasks"]
     assert tasks["things"]["main"] > 2 * tasks["things"]["chance"]
 

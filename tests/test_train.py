@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 from dataclasses import replace
@@ -190,3 +191,26 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path):
     # by lr * noise / eps under Adam, so the tolerance is absolute; a different batch would differ by ~1e-2.
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_train_and_evaluate_commands(tmp_path, capsys):
+    from datafilter.cli import main
+
+    pool = write_toy_pool(tmp_path / "pool", n=32, shard_size=16)
+    suite = write_toy_suite(tmp_path / "suite", per_combo=1)
+    uids = Pool(pool).uids
+    np.save(tmp_path / "subset.npy", np.sort(uids[:8]))
+    run = tmp_path / "run"
+    assert main(["train", str(pool), "--scale", "nano", "--samples-seen", "100", "--batch-size", "32",
+                 "--subset", str(tmp_path / "subset.npy"), "--threads", "1", "--out", str(run)]) == 0
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["samples_seen"] == 100 and summary["steps"] == 4 and summary["unique_rows"] <= 8
+    assert main(["evaluate", "--model", "datafilter-nano-vit", "--checkpoint", str(run / "checkpoint.pt"),
+                 "--suite", str(suite), "--out", str(tmp_path / "results.json")]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["tasks"]) == {"things", "colours", "captions"}
+    assert results["checkpoint_id"] == summary["checkpoint_sha256"]
+    assert "ImageNet" in capsys.readouterr().out
+    # a checkpoint of another architecture is refused with a clear error (exit code 2)
+    assert main(["evaluate", "--model", "datafilter-micro-vit", "--checkpoint", str(run / "checkpoint.pt"),
+                 "--suite", str(suite), "--out", str(tmp_path / "x.json")]) == 2

@@ -27,12 +27,13 @@ def register(commands) -> None:
     p.add_argument("--space", help="embedding space name (default: model name + pretrained tag or checkpoint hash)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default: 256)")
     p.add_argument("--workers", type=int, default=None,
-                   help="decoding processes; 0 decodes in the main process (default: half the free cores, at most 8)")
+                   help="decoding processes; 0 decodes in a thread of the main process (default: half the free "
+                        "cores, at least 1, at most 8)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto, the GPU if any)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="autocast precision (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU intra-op threads of the model (default: free cores minus decoding workers)")
+                   help="CPU intra-op threads of the model (default: free cores minus decoders, at least 1)")
     p.add_argument("--reference", metavar="SUITE_DIR",
                    help="also embed the reference sets listed in SUITE_DIR/suite.json into the same space")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -42,8 +43,8 @@ def register(commands) -> None:
 def _embed(args: argparse.Namespace) -> int:
     import torch
 
-    from datafilter.common.launch import free_cores, launch_env
-    from datafilter.embed.pipeline import EmbedConfig, embed_pool, resolve_spec
+    from datafilter.common.launch import launch_env
+    from datafilter.embed.pipeline import EmbedConfig, default_workers, embed_pool, resolve_spec
     from datafilter.embed.reference import embed_reference_sets
     from datafilter.models import load_model, pick_device
     from datafilter.pool.pool import Pool
@@ -54,7 +55,7 @@ def _embed(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     if device.type == "cuda" and device.index is None and env.distributed:
         device = torch.device("cuda", env.local_rank % max(1, torch.cuda.device_count()))
-    workers = args.workers if args.workers is not None else min(8, max(1, free_cores() // 2))
+    workers = args.workers if args.workers is not None else default_workers()
     cfg = EmbedConfig(batch_size=args.batch_size, workers=workers, precision=args.precision,
                       threads=args.threads, progress=not args.no_progress)
     model = load_model(spec, device=device)

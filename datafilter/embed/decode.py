@@ -78,7 +78,9 @@ class ImageDecoder:
         return self.split is not None
 
     def __call__(self, data: bytes) -> np.ndarray | torch.Tensor:
-        img = to_rgb(open_image(data))
+        img = open_image(data)
+        if img.mode != "RGB":
+            img = to_rgb(img)
         if self.split is None:
             return self._whole(img)
         sp = self.split

@@ -1,8 +1,8 @@
-"""Embed a pool: decode in worker processes, run both towers in batches, write each shard when its last row is in.
+"""Embed a pool: decode in workers, run both towers in batches, write each shard when its last row is in.
 
 Data flow (one process per torchrun rank / Slurm task)::
 
-    this rank's unfinished shards --split by shard--> DataLoader workers: read tar, decode + resize, tokenise
+    this rank's unfinished shards --split by shard--> DataLoader workers (or one thread): read tar, decode, tokenise
         --batches tagged (shard, rows)--> main process: normalise on device, image + text towers (autocast on GPU)
         --> per-shard buffers --> EmbeddingStore.write_shard (scores parquet last = completion marker)
 
@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -47,14 +49,20 @@ GENERIC_SCORE_COLUMN = "clip_score"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
+def default_workers() -> int:
+    """Half the free cores for decoding, at most 8: enough to feed a GPU, and on a small CPU machine the model keeps
+    the rest."""
+    return min(8, max(1, free_cores() // 2))
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
-    """How to run the towers (on the loaded model's device). ``workers`` decoding processes (0: in the main one)."""
+    """How to run the towers (on the loaded model's device). ``workers`` decoding processes (0: a thread)."""
 
     batch_size: int = 256
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)
     precision: str = "auto"  # auto: fp16 autocast on GPU, fp32 on CPU
-    threads: int | None = None  # intra-op threads of the main process on CPU; default: free cores minus workers
+    threads: int | None = None  # the model's intra-op threads on CPU; default: free cores minus decoders (at least 1)
     prefetch: int = 4  # batches each worker prepares ahead
     progress: bool = True
 
@@ -182,6 +190,45 @@ class BatchStream(IterableDataset):
                 "reasons": reasons, "payload": payload, "end": False, "error": ""}
 
 
+def _in_thread(stream: Iterable[dict[str, Any]], depth: int, pin: bool) -> Iterator[dict[str, Any]]:
+    """Produce batches in a background thread: decoding (which releases the GIL in Pillow) overlaps the model's
+    forward pass without a second process, the better choice when there is no core to spare for one."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in stream:
+                if pin:
+                    batch["images"], batch["payload"] = batch["images"].pin_memory(), batch["payload"].pin_memory()
+                if not put(batch):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="embed-decode", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def _worker_init(_: int) -> None:
     # Decoders are single-threaded; intra-op threads here would only compete with the model for cores.
     torch.set_num_threads(1)
@@ -203,12 +250,15 @@ class Embedder:
         self.precision = precision
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
 
-    def loader(self, parts: Sequence[Any], read: Reader, captions: bool) -> DataLoader:
+    def loader(self, parts: Sequence[Any], read: Reader, captions: bool) -> Iterable[dict[str, Any]]:
+        """Batches of ``parts``: from worker processes, or with ``workers=0`` from a thread of this process."""
         stream = BatchStream(parts, read, self.decoder, self.cfg.batch_size, self.model.tokenizer if captions else None)
         workers = min(self.cfg.workers, len(parts))
-        return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
-                          worker_init_fn=_worker_init if workers else None,
-                          prefetch_factor=self.cfg.prefetch if workers else None)
+        pin = self.device.type == "cuda"
+        if workers == 0:
+            return _in_thread(stream, self.cfg.prefetch, pin)
+        return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin, worker_init_fn=_worker_init,
+                          prefetch_factor=self.cfg.prefetch)
 
     def autocast(self):
         """The configured mixed precision (a no-op in fp32)."""
@@ -236,12 +286,16 @@ class Embedder:
 
 @contextlib.contextmanager
 def cpu_threads(device: torch.device, threads: int | None, workers: int) -> Iterator[None]:
-    """Set the main process's intra-op threads for the run (CPU only) and restore them after."""
+    """Set the main process's intra-op threads for the run (CPU only) and restore them after.
+
+    The default leaves a core to each decoding worker, or to the decoding thread when there are none: threads that
+    compete for cores slow every operation down, far more than the one thread given up costs.
+    """
     if device.type != "cpu":
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, free_cores() - workers))
+    torch.set_num_threads(threads or max(1, free_cores() - max(1, workers)))
     try:
         yield
     finally:

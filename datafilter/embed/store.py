@@ -150,9 +150,17 @@ class EmbeddingStore:
     def _load(self, shard: Shard, which: int) -> np.ndarray:
         self._require(shard)
         path = self.paths(shard)[which]
-        arr = np.load(path, mmap_mode="r")
-        if arr.shape[0] != shard.num_samples:
-            raise EmbeddingError(f"{path}: {arr.shape[0]} rows but {shard.parquet.name} has {shard.num_samples}")
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise EmbeddingError(f"{path}: unreadable embeddings ({exc})") from None
+        if arr.ndim != 2 or arr.shape[0] != shard.num_samples:
+            raise EmbeddingError(f"{path}: shape {arr.shape} but {shard.parquet.name} has {shard.num_samples} rows")
+        info = self.info
+        if arr.shape[1] != info.dim or arr.dtype != np.float16:
+            raise EmbeddingError(f"{path}: {arr.dtype} vectors of width {arr.shape[1]}, but space '{self.space}' holds "
+                                 f"float16 vectors of width {info.dim} from {info.model}; the file is from another "
+                                 f"model, delete it and rerun `datafilter embed`")
         return arr
 
     # --- reference sets (e.g. ImageNet train for the image-based filter) ------------------------------------------

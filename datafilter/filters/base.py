@@ -122,7 +122,7 @@ class RunResult:
                 "details": self.extra, "datafilter_version": __version__}
 
 
-# --- configs -----------------------------------------------------------------------------------------------------------
+# --- configs ----------------------------------------------------------------------------------------------------------
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -176,7 +176,8 @@ def make_config(config_cls: type, params: Mapping[str, Any] | None = None, *, ow
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"filter {owner!r} has no parameter {key!r}{hint} (parameters: {', '.join(names) or 'none'})")
+            raise ValueError(f"filter {owner!r} has no parameter {key!r}{hint} "
+                             f"(parameters: {', '.join(names) or 'none'})")
         kwargs[key] = _convert(value, hints[key], f"{owner}.{key}")
     try:
         return config_cls(**kwargs)
@@ -206,7 +207,7 @@ def config_to_json(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
 
 
-# --- running -------------------------------------------------------------------------------------------------------
+# --- running ----------------------------------------------------------------------------------------------------------
 def run_filter(flt: Filter, view: FilterView, *, plugin: str = "") -> RunResult:
     """Run one filter on a view and check its output. Any problem raises ``FilterError`` naming the filter."""
     label = f"filter {flt.name!r}" + (f" ({plugin})" if plugin else "")

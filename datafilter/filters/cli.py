@@ -35,6 +35,8 @@ def register(commands) -> None:
     p.add_argument("--config", help="YAML file with parameters (--param values override it)")
     p.add_argument("--reference", action="append", default=[], metavar="NAME=PATH.npy",
                    help="an extra reference set of embeddings")
+    p.add_argument("--datacomp", choices=("b32", "l14"), metavar="MODEL",
+                   help="POOL_DIR is DataComp's released metadata (parquet + npz); use its b32 or l14 embeddings")
     p.set_defaults(func=_filter)
 
 
@@ -86,8 +88,13 @@ def _filter(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--reference expects NAME=PATH.npy, got {item!r}")
         refs[name] = path
+    view = None
+    if args.datacomp:
+        from datafilter.filters.view import FilterView
+
+        view = FilterView.from_datacomp(args.pool_dir, args.datacomp, references=refs)
     result, out = filter_pool(args.name, args.pool_dir, args.out, params=parse_params(args.param, args.config),
-                              space=args.space, references=refs)
+                              space=args.space, references=refs, view=view)
     reasons = ", ".join(f"{k} {v:,}" for k, v in result.counts.items()) or "none"
     print(f"{args.name}: kept {result.kept:,} of {result.input:,} ({result.elapsed_s:.2f} s); removed: {reasons}")
     print(f"wrote {out}")

@@ -83,40 +83,49 @@ def nearest_centroid(arr: np.ndarray, rows: np.ndarray, centroids: np.ndarray, c
 
 
 def pca_kmeans(arr: np.ndarray, train_rows: np.ndarray, k: int, *, dim: int, niter: int, seed: int
-               ) -> tuple[np.ndarray, "object"]:
+               ) -> tuple[np.ndarray, "PCA"]:
     """k-means in a ``dim``-dimensional PCA projection of the training rows (the cost of every iteration drops by
     ``d / dim``); the full-dimensional centroid of a cluster is the mean of its training points, so the assignment
-    rule downstream stays DataComp's (largest inner product with a full-dimensional centroid).
-    Returns ``(full centroids [k, d], the fitted faiss PCA)``."""
+    rule downstream stays DataComp's (largest inner product with a full-dimensional centroid). The training rows
+    are read in chunks twice rather than held as float32. Returns ``(full centroids [k, d], the PCA)``."""
     faiss = faiss_threads()
-    x = gather_float32(arr, train_rows)
-    pca = faiss.PCAMatrix(x.shape[1], dim)
-    pca.train(x[sample_rows(np.arange(len(x)), min(len(x), 100_000), seed)])
-    reduced = kmeans(pca.apply(x), k, niter=niter, seed=seed)
+    pca = PCA(gather_float32(arr, sample_rows(train_rows, 20_000, seed)), dim)
+    xr = np.empty((len(train_rows), dim), np.float32)
+    for start, block in float32_rows(arr, train_rows):
+        xr[start:start + len(block)] = pca.apply(block)
+    reduced = kmeans(xr, k, niter=niter, seed=seed)
     index = faiss.IndexFlatL2(reduced.shape[1])
     index.add(reduced)
-    _, lab = index.search(pca.apply(x), 1)
-    lab = lab[:, 0]
-    full = np.zeros((len(reduced), x.shape[1]), np.float64)
-    np.add.at(full, lab, x)
-    counts = np.bincount(lab, minlength=len(reduced))
-    full = (full[counts > 0] / counts[counts > 0, None]).astype(np.float32)  # empty clusters cannot be nearest
+    labels = np.empty(len(xr), np.int64)
+    for start in range(0, len(xr), CHUNK):
+        labels[start:start + CHUNK] = index.search(xr[start:start + CHUNK], 1)[1][:, 0]
+    del xr
+    sums = np.zeros((len(reduced), arr.shape[1]), np.float64)
+    for start, block in float32_rows(arr, train_rows):
+        lab = labels[start:start + len(block)]
+        order = np.argsort(lab, kind="stable")
+        uniq, first = np.unique(lab[order], return_index=True)
+        sums[uniq] += np.add.reduceat(block[order], first, axis=0)
+    counts = np.bincount(labels, minlength=len(reduced))
+    full = (sums[counts > 0] / counts[counts > 0, None]).astype(np.float32)  # empty clusters cannot be nearest
     return full, pca
 
 
 def nearest_centroid_pca(arr: np.ndarray, rows: np.ndarray, centroids: np.ndarray, pca, candidates: int,
-                         chunk: int = CHUNK, desc: str | None = None) -> np.ndarray:
+                         chunk: int = 8192, desc: str | None = None) -> np.ndarray:
     """DataComp's nearest centroid (largest inner product), searched in two steps: the ``candidates`` best
     centroids in the PCA projection, then the exact full-dimensional inner product among them. Differs from the
     exhaustive search only when the true nearest centroid is not among the candidates."""
     faiss = faiss_threads()
-    reduced = pca.apply(np.ascontiguousarray(centroids))
+    # x.c = (x - mean).c + mean.c ~ P(x - mean) . Pc + mean.c: one extra column carries the bias mean.c
+    reduced = np.hstack([centroids @ pca.components, (centroids @ pca.mean)[:, None]]).astype(np.float32)
     index = faiss.IndexFlatIP(reduced.shape[1])
     index.add(reduced)
     c = min(candidates, len(centroids))
     out = np.empty(len(rows), np.int64)
     for start, block in float32_rows(arr, rows, chunk, desc):
-        _, cand = index.search(pca.apply(block), c)
+        proj = np.hstack([pca.apply(block), np.ones((len(block), 1), np.float32)])
+        _, cand = index.search(np.ascontiguousarray(proj, np.float32), c)
         sims = np.einsum("nd,ncd->nc", block, centroids[cand])
         # ties between candidates go to the lower centroid index, as in the exhaustive search
         tied = sims == sims.max(axis=1, keepdims=True)
@@ -151,6 +160,7 @@ class Rows:
         self.parts = list(parts)
         self.rows = np.arange(len(self.parts[0])) if rows is None else np.asarray(rows)
         self.dim = sum(p.shape[1] for p in self.parts)
+        self.dtype = np.result_type(*[p.dtype for p in self.parts])  # float16 for stored embeddings
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -173,64 +183,65 @@ class Rows:
         return out
 
 
-def exact_sq_distances(src: Rows, queries: np.ndarray, nbrs: np.ndarray, sq: np.ndarray, step: int = 2048
-                       ) -> np.ndarray:
-    """Squared L2 distances between each query row and its neighbour rows, in the full space (small steps keep
-    the gathered neighbour vectors to a few tens of MB)."""
-    out = np.empty(nbrs.shape, np.float32)
-    k = nbrs.shape[1]
-    for s in range(0, len(queries), step):
-        q = src.get(queries[s:s + step])
-        nb = src.get(nbrs[s:s + step].ravel()).reshape(len(q), k, -1)
-        dots = np.matmul(nb, q[:, :, None])[:, :, 0]
-        out[s:s + len(q)] = sq[queries[s:s + step], None] + sq[nbrs[s:s + step]] - 2 * dots
-    return out
+def clustered_knn(src: Rows, part: np.ndarray, k: int, *, nlist: int, nprobe: int, seed: int, niter: int = 10,
+                  chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate kNN by clusters with exact distances, computed with matrix products.
 
-
-def clustered_knn(space: np.ndarray, k: int, *, nlist: int, nprobe: int, seed: int, niter: int = 10
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate kNN by clusters, computed with matrix products: k-means puts every row in one of ``nlist``
-    lists; the members of a list search the members of the ``nprobe`` lists whose centroids are nearest to their
-    own (their own list first). One small BLAS product per list replaces per-query index scans; lists run on a
-    thread per free core, each with single-threaded BLAS (many small multi-threaded products are slow on a busy
-    machine). Returns ``(ids, squared L2 distances in this space)``; -1 / inf where fewer than k candidates.
+    k-means on ``part`` (a cheap projection of the rows, e.g. PCA) puts every row in one of ``nlist`` lists; the
+    members of a list are compared, in the full space of ``src``, with the members of the ``nprobe`` lists whose
+    centroids are nearest to their own (their own list first). Only the partition is approximate: every distance
+    is exact. The rows are first copied in list order (in their own dtype: the size of the input), so each list's
+    candidates are a few contiguous blocks. One BLAS product per list replaces per-query index scans; lists run
+    on a thread per free core with single-threaded BLAS (many small multi-threaded products are slow on a busy
+    machine).
+    Returns ``(ids, squared L2 distances)``; -1 / inf where a row has fewer than k candidates.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
     faiss = faiss_threads()
-    m = len(space)
+    m = len(src)
     nlist = max(1, min(nlist, m // 8 or 1))
-    centroids = kmeans(space[sample_rows(np.arange(m), min(m, nlist * 32), seed)], nlist, niter=niter, seed=seed)
+    centroids = kmeans(part[sample_rows(np.arange(m), min(m, nlist * 32), seed)], nlist, niter=niter, seed=seed)
     nlist = len(centroids)
-    index = faiss.IndexFlatL2(space.shape[1])
+    index = faiss.IndexFlatL2(part.shape[1])
     index.add(centroids)
     lists = np.empty(m, np.int64)
     for s in range(0, m, 65536):
-        lists[s:s + 65536] = index.search(space[s:s + 65536], 1)[1][:, 0]
+        lists[s:s + 65536] = index.search(part[s:s + 65536], 1)[1][:, 0]
     order = np.argsort(lists, kind="stable")
     bounds = np.searchsorted(lists[order], np.arange(nlist + 1))
     _, near = index.search(centroids, min(nprobe + 1, nlist))
-    sqn = np.einsum("ij,ij->i", space, space)
+    by_list = np.empty((m, src.dim), src.dtype)  # row i of by_list is row order[i] of src, stored as read
+    sqn = np.empty(m, np.float32)  # squared norms, in list order
+    for s in tqdm(range(0, m, chunk), desc="sort by list", unit="chunk", disable=m <= 4 * chunk):
+        block = src.get(order[s:s + chunk])
+        by_list[s:s + len(block)] = block
+        sqn[s:s + len(block)] = np.einsum("ij,ij->i", block, block)
     ids = np.full((m, k), -1, np.int64)
     dist = np.full((m, k), np.inf, np.float32)
 
     def one_list(li: int) -> None:
-        members = order[bounds[li]:bounds[li + 1]]
-        probe = [li] + [int(j) for j in near[li] if j != li and j >= 0][:max(0, nprobe - 1)]
-        cand = np.concatenate([order[bounds[j]:bounds[j + 1]] for j in probe])
-        kk = min(k, len(cand) - 1)
-        if len(members) == 0 or kk <= 0:
+        lo, hi = bounds[li], bounds[li + 1]
+        if hi == lo:
             return
-        d = sqn[members, None] + sqn[None, cand] - 2.0 * (space[members] @ space[cand].T)
-        d[np.arange(len(members)), np.arange(len(members))] = np.inf  # own list comes first: the diagonal is self
-        part = np.argpartition(d, kk - 1, axis=1)[:, :kk]
-        pd = np.take_along_axis(d, part, 1)
-        pid = cand[part]
-        srt = np.lexsort((pid, pd), axis=1)  # by distance, ties by row: the same graph on every run
-        ids[members, :kk] = np.take_along_axis(pid, srt, 1)
-        dist[members, :kk] = np.maximum(np.take_along_axis(pd, srt, 1), 0)
+        probe = [li] + [int(j) for j in near[li] if j != li and j >= 0][:max(0, nprobe - 1)]
+        pos = np.concatenate([np.arange(bounds[j], bounds[j + 1]) for j in probe])  # positions in list order
+        kk = min(k, len(pos) - 1)
+        if kk <= 0:
+            return
+        xm = by_list[lo:hi].astype(np.float32)
+        xc = by_list[pos].astype(np.float32)
+        d = sqn[lo:hi, None] + sqn[None, pos] - 2.0 * (xm @ xc.T)
+        d[np.arange(hi - lo), np.arange(hi - lo)] = np.inf  # own list comes first: the diagonal is self
+        sel = np.argpartition(d, kk - 1, axis=1)[:, :kk]
+        sd = np.take_along_axis(d, sel, 1)
+        sid = order[pos[sel]]
+        srt = np.lexsort((sid, sd), axis=1)  # by distance, ties by row: the same graph on every run
+        rows = order[lo:hi]
+        ids[rows, :kk] = np.take_along_axis(sid, srt, 1)
+        dist[rows, :kk] = np.maximum(np.take_along_axis(sd, srt, 1), 0)
 
     with threadpool_limits(1), ThreadPoolExecutor(free_cores()) as pool:
         for _ in tqdm(pool.map(one_list, range(nlist)), total=nlist, desc="kNN", unit="list",
@@ -243,11 +254,15 @@ class PCA:
     """Principal components of a sample (numpy: a covariance product and ``eigh``), applied chunk by chunk."""
 
     def __init__(self, sample: np.ndarray, dim: int):
-        x = np.asarray(sample, np.float64)
-        self.mean = x.mean(axis=0)
-        xc = x - self.mean
-        cov = (xc.T @ xc) / max(1, len(x) - 1)
-        vals, vecs = np.linalg.eigh(cov)
+        from threadpoolctl import threadpool_limits
+
+        x = np.asarray(sample, np.float32)
+        mean = x.mean(axis=0, dtype=np.float64)
+        xc = x - mean.astype(np.float32)
+        with threadpool_limits(1):  # a [d, d] eigh is quick on one core and slow on contended ones
+            cov = (xc.T @ xc).astype(np.float64) / max(1, len(x) - 1)
+            vals, vecs = np.linalg.eigh(cov)
+        self.mean = mean
         self.components = np.ascontiguousarray(vecs[:, ::-1][:, :dim], np.float32)  # largest variance first
         self.mean = self.mean.astype(np.float32)
 
@@ -255,18 +270,18 @@ class PCA:
         return (x - self.mean) @ self.components
 
 
-def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: int = 20000, pca_dim: int = 128,
-              nlist: int = 0, nprobe: int = 8, seed: int = 0, exact_distances: bool = False,
-              chunk: int = 16384) -> tuple[np.ndarray, np.ndarray, str]:
+def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: int = 20000, pca_dim: int = 64,
+              nlist: int = 0, nprobe: int = 4, seed: int = 0, chunk: int = 16384
+              ) -> tuple[np.ndarray, np.ndarray, str]:
     """The k nearest neighbours of every row of ``x`` (an array, or ``Rows`` over several arrays), itself excluded.
 
     Returns ``(ids [m, k] int64, squared L2 distances [m, k] float32, method used)``. Neighbour ids are row
     positions in ``x``: queries and index share one order, so row ``i``'s neighbours always belong to row ``i``.
+    Distances are always exact.
 
-    ``flat``: exact search (``m <= exact_max`` under ``auto``), exact distances. ``ivf``: PCA to ``pca_dim``
-    (0: all dimensions), then ``clustered_knn`` with ``nlist`` lists (0: 2 sqrt(m)) and ``nprobe`` probed lists.
-    Distances are then the PCA-space distance plus both rows' residual energy outside the projection (exact but
-    for the residuals' cross term); ``exact_distances`` recomputes them in the full space instead (slower).
+    ``flat``: exhaustive search (``m <= exact_max`` under ``auto``). ``ivf``: ``clustered_knn`` with lists made by
+    k-means on a ``pca_dim``-dimensional PCA projection (0: on the full vectors), ``nlist`` lists (0: 2 sqrt(m))
+    and ``nprobe`` lists searched per row.
     """
     faiss = faiss_threads()
     src = x if isinstance(x, Rows) else Rows([np.asarray(x)])
@@ -292,28 +307,10 @@ def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: 
         return ids, dist, method
     if method != "ivf":
         raise ValueError(f"unknown kNN method {method!r} (auto, flat, ivf)")
-    pca = PCA(src.get(sample_rows(np.arange(m), min(m, 50_000), seed)), pca_dim) if 0 < pca_dim < d else None
-    dd = pca_dim if pca is not None else d
-    space = np.empty((m, dd), np.float32)
-    sq = np.empty(m, np.float32)
-    residual = np.zeros(m, np.float32)  # energy of each centred row outside the projection
+    pca = PCA(src.get(sample_rows(np.arange(m), min(m, 20_000), seed)), pca_dim) if 0 < pca_dim < d else None
+    part = np.empty((m, pca_dim if pca is not None else d), np.float32)
     for s in tqdm(range(0, m, chunk), desc="project", unit="chunk", disable=m <= 4 * chunk):
         block = src.get(slice(s, s + chunk))
-        sq[s:s + len(block)] = np.einsum("ij,ij->i", block, block)
-        if pca is None:
-            space[s:s + len(block)] = block
-            continue
-        proj = pca.apply(block)
-        space[s:s + len(block)] = proj
-        centred = block - pca.mean
-        residual[s:s + len(block)] = np.maximum(np.einsum("ij,ij->i", centred, centred)
-                                                - np.einsum("ij,ij->i", proj, proj), 0)
-    ids, dist = clustered_knn(space, k, nlist=nlist or max(1, int(2 * np.sqrt(m))), nprobe=nprobe, seed=seed)
-    if exact_distances:
-        for s in range(0, m, chunk):
-            q = np.arange(s, min(m, s + chunk))
-            dist[q] = np.where(ids[q] < 0, np.inf, np.maximum(exact_sq_distances(src, q, np.maximum(ids[q], 0),
-                                                                                  sq), 0))
-    elif pca is not None:
-        dist = np.where(ids < 0, np.inf, dist + residual[:, None] + residual[np.maximum(ids, 0)])
-    return ids, dist.astype(np.float32), method
+        part[s:s + len(block)] = pca.apply(block) if pca is not None else block
+    ids, dist = clustered_knn(src, part, k, nlist=nlist or max(1, int(2 * np.sqrt(m))), nprobe=nprobe, seed=seed)
+    return ids, dist, method

@@ -42,43 +42,69 @@ def _read_only(arr: np.ndarray) -> np.ndarray:
     return view
 
 
-_HEX = np.full(256, 255, np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX[_c] = _i
-for _i, _c in enumerate(b"ABCDEF"):
-    _HEX[_c] = 10 + _i
-
-
 def uids_from_arrow(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Parse 32-hex-character uid strings to ``u8,u8`` without a Python loop.
+    """Parse 32-hex-character uid strings to ``u8,u8`` without a Python loop per uid.
 
-    Parsing a million uids one by one takes over a second; reading the string buffer as fixed-width bytes and
-    turning nibbles into integers with numpy takes a few milliseconds. Falls back to the per-string parser for
-    anything that is not exactly 32 characters (which then raises a clear error).
+    Parsing a million uids one by one takes over a second; when a chunk's strings are all 32 characters, its
+    string buffer is one run of hex digits that ``bytes.fromhex`` turns into big-endian 64-bit words in
+    milliseconds. Anything else goes through the per-string parser, which raises a clear error.
     """
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = []
     for chunk in chunks:
-        chunk = chunk.cast(pa.large_string()) if chunk.type != pa.large_string() else chunk
+        if chunk.type != pa.large_string():
+            chunk = chunk.cast(pa.large_string())
         n = len(chunk)
         if n == 0:
             continue
         offsets = np.frombuffer(chunk.buffers()[1], np.int64, n + 1, chunk.offset * 8)
-        if chunk.null_count or not np.array_equal(np.diff(offsets), np.full(n, 32)):
+        if chunk.null_count or offsets[-1] - offsets[0] != 32 * n or not np.all(np.diff(offsets) == 32):
             parts.append(hex_to_uids(chunk.to_pylist()))
             continue
-        raw = np.frombuffer(chunk.buffers()[2], np.uint8, 32 * n, int(offsets[0])).reshape(n, 32)
-        nib = _HEX[raw]
-        if (nib == 255).any():
+        text = memoryview(chunk.buffers()[2])[int(offsets[0]):int(offsets[-1])]
+        try:
+            raw = bytes.fromhex(bytes(text).decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
             parts.append(hex_to_uids(chunk.to_pylist()))  # raises with the offending value
             continue
-        nib = nib.astype(np.uint64)
-        shifts = np.arange(60, -4, -4, dtype=np.uint64)
+        words = np.frombuffer(raw, ">u8").reshape(n, 2)
         out = np.empty(n, UID_DTYPE)
-        out["f0"] = (nib[:, :16] << shifts).sum(axis=1, dtype=np.uint64)
-        out["f1"] = (nib[:, 16:] << shifts).sum(axis=1, dtype=np.uint64)
+        out["f0"] = words[:, 0]
+        out["f1"] = words[:, 1]
         parts.append(out)
     return np.concatenate(parts) if parts else np.empty(0, UID_DTYPE)
+
+
+def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A numeric or boolean arrow column as numpy, read straight from its buffers when it has no nulls.
+
+    Arrow's own conversion imports pandas on first use, which alone costs more than a whole CLIP-score filter on
+    a million rows; other columns go through it."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for c in chunks:
+        if c.null_count == 0 and pa.types.is_boolean(c.type):
+            bits = np.frombuffer(c.buffers()[1], np.uint8)
+            parts.append(np.unpackbits(bits, bitorder="little")[c.offset:c.offset + len(c)].astype(bool))
+        elif c.null_count == 0 and (pa.types.is_floating(c.type) or pa.types.is_integer(c.type)):
+            dtype = np.dtype({"halffloat": "float16", "float": "float32", "double": "float64"}.get(str(c.type),
+                                                                                                 str(c.type)))
+            parts.append(np.frombuffer(c.buffers()[1], dtype, len(c), c.offset * dtype.itemsize))
+        else:
+            parts.append(np.asarray(c.to_numpy(zero_copy_only=False)))
+    if not parts:
+        return np.empty(0)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+
+
+def uid_order(uids: np.ndarray) -> np.ndarray:
+    """The permutation that sorts ``u8,u8`` uids (high word, then low). Random 128-bit uids almost never share a
+    high word, so one argsort of the high words usually decides; only equal high words need the low word."""
+    order = np.argsort(uids["f0"], kind="stable")
+    hi = uids["f0"][order]
+    if len(hi) > 1 and np.any(hi[1:] == hi[:-1]):
+        order = np.lexsort((uids["f1"], uids["f0"]))
+    return order
 
 
 class FilterView:
@@ -134,9 +160,9 @@ class FilterView:
         from datafilter.pool.pool import Pool
 
         pool = Pool(pool_dir)
-        uid_col = pa.chunked_array([c for s in pool.shards
-                                    for c in pq.read_table(s.parquet, columns=["uid"]).column("uid").chunks],
-                                   type=pa.string())
+        # ParquetFile.read, unlike pq.read_table, does not import pyarrow.dataset (and pandas): a second saved
+        chunks = [c for s in pool.shards for c in pq.ParquetFile(s.parquet).read(columns=["uid"]).column("uid").chunks]
+        uid_col = pa.chunked_array(chunks) if chunks else pa.chunked_array([], type=pa.string())
         uids = uids_from_arrow(uid_col)
         pool.__dict__.setdefault("uids", uids)  # share the parsed uids so the pool does not parse them again
         if space is None:
@@ -156,13 +182,13 @@ class FilterView:
                             space, pool.path, len(missing), missing[0].name)
             else:
                 def load_scores() -> dict[str, np.ndarray]:
-                    table = store.all_scores()
+                    table = pa.concat_tables([pq.ParquetFile(store.paths(s)[2]).read() for s in pool.shards])
                     if not table.column("uid").equals(uid_col):
                         raise EmbeddingError(f"scores of space '{space}' in {store.dir} are not row-aligned with "
                                              f"the pool's parquet files (uid columns differ)")
-                    return {c: table.column(c).to_numpy(zero_copy_only=False).astype(np.float32)
+                    return {c: column_to_numpy(table.column(c)).astype(np.float32)
                             for c in table.column_names if c not in ("uid", "valid")} | {
-                        "__valid__": table.column("valid").to_numpy(zero_copy_only=False).astype(bool)}
+                        "__valid__": column_to_numpy(table.column("valid")).astype(bool)}
 
                 kwargs.update(image=store.all_image, text=store.all_text, scores=load_scores,
                               score_column=info.score_column)
@@ -178,8 +204,32 @@ class FilterView:
             if (lab := Path(path).with_name(f"{Path(path).stem}_labels.npy")).exists():
                 labels[name] = lab
         view = cls(uids, metadata=lambda cols: pool.metadata(cols), columns=pool.columns(), references=refs,
-                   reference_labels=labels, pool_path=pool.path, pool_id=pool.pool_id, space=space, **kwargs)
+                   reference_labels=labels, pool_path=pool.path.resolve(), pool_id=pool.pool_id, space=space,
+                   **kwargs)
         return view
+
+    @classmethod
+    def from_datacomp(cls, path: str | Path, model: str = "l14",
+                      references: Mapping[str, str | Path] | None = None) -> "FilterView":
+        """A view of DataComp's released metadata (``NNNNNNNN.parquet`` + ``.npz``) for ``model`` (b32 or l14):
+        the same filters run on it without re-embedding anything."""
+        from datafilter.common.files import stable_hash
+        from datafilter.embed.datacomp import SCORE_COLUMNS, DataCompMetadata
+
+        dc = DataCompMetadata(path, model)
+        uid_col = dc.metadata(["uid"]).column("uid")
+        columns = dc.columns()
+
+        def load_scores() -> dict[str, np.ndarray]:
+            present = [c for c in SCORE_COLUMNS.values() if c in columns]
+            table = dc.metadata(present)
+            return {c: table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in present}
+
+        pool_id = stable_hash([(p.name, n) for p, n in zip(dc.parquets, dc.rows)])
+        return cls(uids_from_arrow(uid_col), metadata=lambda cols: dc.metadata(cols), columns=columns,
+                   image=dc.all_image, text=dc.all_text, scores=load_scores, score_column=dc.score_column,
+                   valid=dc.valid, references={k: Path(v) for k, v in (references or {}).items()},
+                   pool_path=dc.path.resolve(), pool_id=pool_id, space=f"datacomp-{model}")
 
     # --- basic facts -----------------------------------------------------------------------------------------------
     @property
@@ -346,11 +396,11 @@ class FilterView:
         """Sorted uids of the given rows (a bool mask or row indices; repeated indices give repeated uids)."""
         rows = np.asarray(rows)
         picked = self._uids[rows] if rows.dtype == bool else self._uids[rows.astype(np.int64)]
-        return picked[np.lexsort((picked["f1"], picked["f0"]))]
+        return picked[uid_order(picked)]
 
     def sorted_uids(self) -> np.ndarray:
         if self._sorted is None:
-            order = np.lexsort((self._uids["f1"], self._uids["f0"]))
+            order = uid_order(self._uids)
             self._sorted = (self._uids[order], order)
         return self._sorted[0]
 

@@ -143,6 +143,6 @@ def _suite_show(args: argparse.Namespace) -> int:
 def _suite_check(args: argparse.Namespace) -> int:
     from datafilter.micro.overlap import check_suite
 
-    r = check_suite(args.suite_dir, args.pool, args.threshold)
+    r = check_suite(args.suite_dir, args.pool, args.threshold, workers=_workers(0))
     print(json.dumps(r, indent=2))
     return 1 if r["exact"] or r["near_duplicate"] else 0

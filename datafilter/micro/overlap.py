@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -47,9 +46,28 @@ class OverlapIndex:
         return sum(len(v) for v in self.vectors)
 
     def add(self, images: list[np.ndarray]) -> None:
-        self.hashes.update(pixel_hash(im) for im in images)
-        if images:
-            self.vectors.append(fingerprints(images))
+        self.add_prints({pixel_hash(im) for im in images}, fingerprints(images))
+
+    def add_prints(self, hashes: set[bytes], vectors: np.ndarray) -> None:
+        self.hashes.update(hashes)
+        if len(vectors):
+            self.vectors.append(vectors)
+
+    def add_pool(self, pool_dir: str | Path, workers: int = 1) -> None:
+        """Add every image of a built pool, one shard per task (in ``workers`` processes)."""
+        from datafilter.pool import Pool
+
+        tars = [str(s.tar) for s in Pool(pool_dir).shards]
+        if workers > 1 and len(tars) > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+                results = list(ex.map(_shard_prints, tars))
+        else:
+            results = [_shard_prints(t) for t in tars]
+        for hashes, vectors in results:
+            self.add_prints(hashes, vectors)
 
     def query(self, images: list[np.ndarray], chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """(exact match?, highest cosine with any pool image) for each image."""
@@ -64,14 +82,21 @@ class OverlapIndex:
         return exact, best
 
 
-def pool_images(pool_dir: str | Path) -> Iterator[np.ndarray]:
-    from datafilter.pool import Pool
+def _shard_prints(tar_path: str) -> tuple[set[bytes], np.ndarray]:
+    """Pixel hashes and thumbnails of the images in one shard tar (read directly: only the images are needed)."""
+    import tarfile
 
-    for s in Pool(pool_dir).iter_samples():
-        yield np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB"))
+    from datafilter.pool.format import IMAGE_EXTS
+
+    images = []
+    with tarfile.open(tar_path) as tf:
+        for m in tf:
+            if m.isfile() and m.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+                images.append(np.asarray(Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB")))
+    return {pixel_hash(im) for im in images}, fingerprints(images)
 
 
-def check_suite(suite_dir: str | Path, pool_dir: str | Path, threshold: float) -> dict:
+def check_suite(suite_dir: str | Path, pool_dir: str | Path, threshold: float, workers: int = 1) -> dict:
     """Compare every image of a built suite with every image of a built pool; returns counts and the worst case."""
     import json
 
@@ -80,7 +105,7 @@ def check_suite(suite_dir: str | Path, pool_dir: str | Path, threshold: float) -
     suite_dir = Path(suite_dir)
     meta = json.loads((suite_dir / "suite.json").read_text())
     index = OverlapIndex(threshold)
-    index.add(list(pool_images(pool_dir)))
+    index.add_pool(pool_dir, workers)
     result = {"threshold": threshold, "pool_images": index.size, "eval_images": 0, "exact": 0, "near_duplicate": 0,
               "max_similarity": 0.0, "by_task": {}}
     paths = [(t["name"], suite_dir / t["path"], "test") for t in meta["tasks"]]

@@ -226,7 +226,7 @@ def needed_renders(plan: list[Planned]) -> dict[str, set[str]]:
 
 
 def _write_shard(job: ShardJob) -> dict:
-    from datafilter.micro.render import RenderSet
+    from datafilter.micro.render import MissingRender, RenderSet
     from datafilter.pool import ImageConfig, ShardWriter
 
     p = job.payload
@@ -238,7 +238,7 @@ def _write_shard(job: ShardJob) -> dict:
     for uid, spec, caption, src in p["samples"]:
         try:
             img = comp.make(spec)
-        except KeyError:  # the artwork failed to render: counted like any unusable sample
+        except MissingRender:  # the artwork failed to render: counted like any unusable sample
             w.skip("render_failed")
             continue
         w.add(png_bytes(img), caption, uid, {"source": src}, ext="png")

@@ -87,7 +87,7 @@ def render_svg(svg: str, size: int, crop: bool = False) -> np.ndarray:
         return Image.open(io.BytesIO(bytes(resvg_py.svg_to_bytes(svg_string=text, skip_system_fonts=True, **kw))))
 
     # Cropped drawings are rendered larger first, so the part that is kept still has enough pixels.
-    target = size * 4 if crop else size
+    target = size * 2 if crop else size
     try:
         img = draw(svg, width=target)
     except ValueError:
@@ -161,6 +161,10 @@ def _render_chunk(args: tuple[list[tuple[str, str, object]], int]) -> tuple[list
     return keys, arr, failed
 
 
+class MissingRender(KeyError):
+    """The drawing is not in the render set (it failed to render, or was never asked for)."""
+
+
 # --- the cache --------------------------------------------------------------------------------------------------------
 @dataclass
 class RenderSet:
@@ -191,6 +195,9 @@ class RenderSet:
         return key in self.index
 
     def get(self, key: str) -> np.ndarray:
+        if key not in self.index:
+            raise MissingRender(f"{key} not rendered in {self.directory}"
+                                + (f" ({self.failed[key]})" if key in self.failed else ""))
         p, i = self.index[key]
         return np.asarray(self.packs[p][i])
 

@@ -21,6 +21,11 @@ NOISE_COLOURS = {"clean": (30, 140, 60), "mismatched_caption": (200, 40, 40), "b
 
 
 def _font(size: int) -> ImageFont.ImageFont:
+    """DejaVu where the system has it (accents, Cyrillic, Greek in captions), else Pillow's own font."""
+    try:
+        return ImageFont.truetype("DejaVuSansCondensed.ttf", size)
+    except OSError:
+        pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1

@@ -54,7 +54,7 @@ SOURCES: tuple[Source, ...] = (
            ("pool: emoji (emojione style)",), "https://github.com/joypixels/emojione-legacy"),
     Source("@iconify-json/twemoji", "npm", "1.2.5", "CC-BY-4.0", "Twitter Twemoji, Iconify JSON",
            ("suite: imagenet", "suite: flags", "suite: emoji_group", "suite: emoji_subgroup", "suite: counting",
-            "suite: position", "suite: emoji_retrieval"), "https://github.com/jdecked/twemoji"),
+            "suite: position", "suite: size", "suite: emoji_retrieval"), "https://github.com/jdecked/twemoji"),
     Source("@iconify-json/emojione-monotone", "npm", "1.2.1", "CC-BY-4.0", "EmojiOne monotone line art",
            ("suite: imagenet/train (reference set)",), "https://github.com/joypixels/emojione-legacy"),
     Source("@iconify-json/fluent-emoji-flat", "npm", "1.2.6", "MIT", "Microsoft Fluent emoji, flat",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import Counter
 import shutil
 import tarfile
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from datafilter.micro.catalog import icons
 from datafilter.micro.compose import CELLS, COLOURS, COUNT_WORDS, SIZES, Composer, png_bytes
 from datafilter.micro.overlap import OverlapIndex
 from datafilter.micro.recipe import Recipe
+from datafilter.micro.render import MissingRender
 from datafilter.micro.world import World, emoji_collection
 
 log = logging.getLogger(__name__)
@@ -204,8 +206,10 @@ def plan_tasks(world: World) -> tuple[list[Task], Task]:
         t.labels.append([f"{i.words} icon", i.words, ", ".join((i.words,) + i.tags[:4])])
     tasks.append(t)
     t = Task("clipart_retrieval", "retrieval", "retrieval", "mean_recall@1",
-             "held-out clip art against its own title")
-    for k in _cap(world.clipart_test, r.suite.max_per_task, rng):
+             "held-out clip art against its own title (titles no other drawing in the package shares)")
+    titles = Counter(a.title.lower() for a in world.all_clipart.values())
+    unique = [k for k in world.clipart_test if titles[world.clipart[k].title.lower()] == 1]
+    for k in _cap(unique, r.suite.max_per_task, rng):
         a = world.clipart[k]
         t.specs.append(("art", "openclipart", k, -1))
         t.labels.append([a.title] + ([f"{a.title} {' '.join(a.keywords[:4])}"] if a.keywords else []))
@@ -237,7 +241,7 @@ def _make(comp: Composer, specs: list[tuple]) -> tuple[list[np.ndarray], list[bo
         try:
             imgs.append(np.asarray(comp.make(s)))
             ok.append(True)
-        except KeyError:  # the drawing failed to render; counted as a render failure
+        except MissingRender:  # the drawing failed to render; counted as a render failure
             imgs.append(np.zeros((comp.size, comp.size, 3), np.uint8))
             ok.append(False)
     return imgs, ok
@@ -291,9 +295,7 @@ def build_suite(recipe: Recipe, out: Path, pool_dir: Path | None = None, workers
     index = OverlapIndex(recipe.suite.near_duplicate_threshold)
     index.add([im for im, k in zip(pool_imgs, pool_ok) if k])
     if pool_dir is not None:
-        from datafilter.micro.overlap import pool_images
-
-        index.add(list(pool_images(pool_dir)))
+        index.add_pool(pool_dir, workers)
 
     report = {"threshold": recipe.suite.near_duplicate_threshold, "pool_images_checked": index.size,
               "eval_images_checked": 0, "exact": 0, "near_duplicate": 0, "dropped": {}, "render_failed": {},

@@ -48,9 +48,17 @@ class World:
     # --- emoji --------------------------------------------------------------------------------------------------
     @cached_property
     def art(self) -> dict[str, dict[str, tuple[str, str]]]:
-        styles = set(self.recipe.styles.pool) | {self.recipe.styles.imagenet_test, self.recipe.styles.imagenet_train}
-        styles |= {s for s in self.recipe.styles.shift if s != "clipart"}
-        return {s: catalog.emoji_art(s) for s in sorted(styles)}
+        """Drawings per style. Pool and test styles are required; a missing reference or shift style only loses
+        its own evaluation set, with a warning that names the source."""
+        st = self.recipe.styles
+        out = {s: catalog.emoji_art(s) for s in sorted(set(st.pool) | {st.imagenet_test})}
+        for s in sorted({st.imagenet_train} | {x for x in st.shift if x != "clipart"}):
+            try:
+                out[s] = catalog.emoji_art(s)
+            except RuntimeError as exc:
+                log.warning("style %s unavailable, its evaluation set is left out: %s", s, exc)
+                out[s] = {}
+        return out
 
     @cached_property
     def concepts(self) -> dict[str, catalog.Concept]:
@@ -139,8 +147,16 @@ class World:
         return [k for k in self.digits if catalog.split_fraction("mnist:" + k) < self.recipe.mnist_test_fraction]
 
     @cached_property
+    def all_clipart(self) -> dict[str, catalog.Clipart]:
+        try:
+            return catalog.clipart()
+        except RuntimeError as exc:
+            log.warning("no clip art (pool clip art, clip-art shift and retrieval sets left out): %s", exc)
+            return {}
+
+    @cached_property
     def clipart(self) -> dict[str, catalog.Clipart]:
-        allv = catalog.clipart()
+        allv = self.all_clipart
         keys = sorted(allv, key=catalog.split_fraction)
         if self.recipe.limits.clipart:
             # The clip art that shows an ImageNet concept always stays in (the clip-art shift set needs it).
@@ -157,7 +173,7 @@ class World:
         for h in self.imagenet:
             names.setdefault(_title_key(self.concepts[h].name), h)
         out = {}
-        for k, a in catalog.clipart().items():
+        for k, a in self.all_clipart.items():
             t = _title_key(a.title)
             for cand in (t, t[:-1] if t.endswith("s") else ""):
                 if cand in names:

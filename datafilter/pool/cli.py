@@ -44,7 +44,8 @@ def register(commands) -> None:
     p.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel shard workers (default: the cores this process may use)")
-    p.add_argument("--threads", type=int, default=32, help="download threads per worker, URLs only (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=32,
+                   help="download threads per worker, URLs only (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=10.0, help="download timeout in seconds (default: %(default)s)")
     p.add_argument("--max-side", type=int, default=512,
                    help="downscale so the longer side is at most this, keeping the ratio (default: %(default)s)")

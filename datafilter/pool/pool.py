@@ -71,8 +71,14 @@ class Pool:
             tar, _, stats = shard_paths(self.path, name)
             if not tar.exists():
                 raise PoolError(f"{parquet} has no tar beside it ({tar.name} missing)")
-            rows = pq.ParquetFile(parquet).metadata.num_rows
-            shards.append(Shard(name, tar, parquet, stats, rows))
+            meta = pq.ParquetFile(parquet)
+            names = set(meta.schema_arrow.names)
+            if "uid" not in names or "status" in names:
+                # img2dataset's own parquet lists failed downloads too, so its rows do not match the tar.
+                raise PoolError(f"{parquet} is a producer's parquet, not a pool index (columns: "
+                                f"{', '.join(sorted(names)[:8])}); run `datafilter pool ingest {self.path}` to index "
+                                f"these shards in place")
+            shards.append(Shard(name, tar, parquet, stats, meta.metadata.num_rows))
         orphans = {p.stem for p in self.path.glob("*.tar") if p.stem.isdigit()} - {s.name for s in shards}
         if orphans:
             log.warning("%s: %d tar(s) without parquet (not indexed yet?): %s", self.path, len(orphans),
@@ -190,28 +196,29 @@ class Pool:
 
 
 def iter_shard(shard: Shard) -> Iterator[Sample]:
-    """Read one shard's tar, grouped by key, aligned with its parquet rows."""
-    table = pq.read_table(shard.parquet)
-    rows = table.to_pylist()
-    by_key = {r["key"]: r for r in rows}
-    emitted = 0
+    """Read one shard's tar, grouped by key; the tar must hold exactly the parquet's rows, in the same order."""
+    rows = pq.read_table(shard.parquet).to_pylist()
+    tar_samples = 0
     try:
         with tarfile.open(shard.tar, "r") as tf:
             for key, files in _group_members(tf):
-                if key not in by_key:
-                    continue
+                tar_samples += 1
+                if tar_samples > len(rows):
+                    continue  # counted, reported below
+                row = rows[tar_samples - 1]
+                if row["key"] != key:
+                    raise PoolError(f"{shard.tar}: sample {tar_samples - 1} is {key!r} but {shard.parquet.name} "
+                                    f"has {row['key']!r} there; the tar and its parquet disagree")
                 ext = next((e for e in IMAGE_EXTS if e in files), None)
                 if ext is None:
                     raise PoolError(f"{shard.tar}: sample {key} has no image")
-                row = by_key[key]
                 meta = json.loads(files["json"]) if "json" in files else {}
                 text = files["txt"].decode("utf-8") if "txt" in files else row.get("text", "")
                 yield Sample(row["uid"], key, text, files[ext], ext, meta)
-                emitted += 1
     except (tarfile.TarError, EOFError) as exc:
         raise PoolError(f"{shard.tar}: unreadable tar ({exc})") from None
-    if emitted != len(rows):
-        raise PoolError(f"{shard.tar}: {emitted} samples in the tar but {len(rows)} rows in {shard.parquet.name}")
+    if tar_samples != len(rows):
+        raise PoolError(f"{shard.tar}: {tar_samples} samples in the tar but {len(rows)} rows in {shard.parquet.name}")
 
 
 def _group_members(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:

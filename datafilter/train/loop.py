@@ -81,10 +81,9 @@ def _identity(x):
     return x
 
 
-def _subset_identity(subset: str | Path | None) -> dict[str, Any]:
-    if subset is None:
-        return {"subset": None, "subset_sha256": None}
-    return {"subset": str(subset), "subset_sha256": sha256_file(subset)}
+def _same(stored: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """Whether a stored run is this one: same recipe, pool content and subset content (paths may differ)."""
+    return {k: stored.get(k) for k in identity} == json.loads(json.dumps(identity))
 
 
 def _load_subset(path: str | Path) -> np.ndarray:
@@ -136,11 +135,12 @@ def train(pool_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, subset: s
     out = Path(out_dir)
     env = env or launch_env()
     pool = Pool(pool_dir)
-    identity = {"recipe": cfg.recipe(), "pool_id": pool.pool_id, **_subset_identity(subset)}
+    identity = {"recipe": cfg.recipe(), "pool_id": pool.pool_id,
+                "subset_sha256": sha256_file(subset) if subset is not None else None}
     done = out / DONE_FILE
     if done.exists():
         summary = read_json(done)
-        if summary.get("identity") != json.loads(json.dumps(identity)):
+        if not _same(summary.get("identity", {}), identity):
             raise RunMismatchError(f"{out} holds a finished run of another recipe, pool or subset ({done}); "
                                    f"choose another output directory")
         log.info("%s: already trained (%s)", out, done)
@@ -168,15 +168,15 @@ def _train(pool: Pool, out: Path, cfg: TrainConfig, subset: str | Path | None, i
     from datafilter.models import create_model, read_checkpoint, save_checkpoint
 
     ckpt_dir = out / "checkpoints"
+    run_file = out / RUN_FILE
+    # Every rank checks (so none waits at a barrier for a rank that gave up); rank 0 writes.
+    if run_file.exists() and not _same(read_json(run_file), identity):
+        raise RunMismatchError(f"{run_file} describes another run (recipe, pool or subset differ); "
+                               f"choose another output directory or delete {out}")
     if dist.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        run_file = out / RUN_FILE
-        if run_file.exists():
-            if read_json(run_file) != json.loads(json.dumps(identity)):
-                raise RunMismatchError(f"{run_file} describes another run (recipe, pool or subset differ); "
-                                       f"choose another output directory or delete {out}")
-        else:
-            write_json(run_file, identity)
+        if not run_file.exists():
+            write_json(run_file, {**identity, "pool": str(pool.path), "subset": str(subset) if subset else None})
     dist.barrier()
 
     model, _, _, tokenizer = create_model(cfg.model, seed=cfg.seed, device="cpu")
@@ -313,6 +313,7 @@ def _train(pool: Pool, out: Path, cfg: TrainConfig, subset: str | Path | None, i
             "subset_sha256": identity["subset_sha256"], "recipe": cfg.recipe()})
         summary = {
             "identity": identity, "model": cfg.model, "config": cfg.to_json(), "pool": str(pool.path),
+            "subset": str(subset) if subset is not None else None,
             "steps": cfg.steps, "samples_seen": cfg.samples_seen, "unique_rows": int(len(np.unique(rows))),
             "final_loss": loss_value, "seconds": seconds, "world_size": env.world_size, "device": str(dev),
             "checkpoint": FINAL_CHECKPOINT, "checkpoint_sha256": sha256_file(final)}

@@ -129,16 +129,10 @@ class ImageBasedClipFilter(Filter):
 
     def select(self, view: FilterView) -> np.ndarray:
         c = self.config
-        clip = clip_score_mask(_Silent(), view, c.fraction, c.threshold, c.column)
+        clip = clip_score_mask(None, view, c.fraction, c.threshold, c.column)
         image = target_cluster_mask(self, view, c)
         self.drop("low_clip_score", int((image & ~clip).sum()))
         return view.uids_of(image & clip)
-
-
-class _Silent(Filter):
-    """Absorbs the counts of a step whose removals are re-counted by the caller (so no sample counts twice)."""
-
-    name = "_"
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@ Pruning"), on image-text pairs as in its DataComp experiments.
 
 1. A kNN graph over the samples' embeddings (image and text concatenated, or either alone), squared L2 distances.
 2. Forward message passing: each node's score becomes its own difficulty plus the difficulties of its neighbours
-   weighted by ``exp(-gamma * d)``: ``g_i = max(s_i, eps) + sum_j exp(-gamma * d_ij) * max(s_j, eps)``, where the difficulty
-   ``s`` is the CLIP score plus ``score_offset`` (the authors add 0.115 so that DataComp's scores are positive).
+   weighted by ``exp(-gamma * d)``: ``g_i = max(s_i, eps) + sum_j exp(-gamma * d_ij) * max(s_j, eps)``, where the
+   difficulty ``s`` is the CLIP score plus ``score_offset`` (the authors add 0.115 so that DataComp's scores are
+   positive).
 3. Reverse message passing while selecting: repeatedly take the node with the largest ``g``, then lower each of its
    neighbours' scores by ``exp(-beta * d) * g_picked``, which pushes the next picks away from what is chosen.
 
@@ -76,10 +77,9 @@ def reverse_pass(graph_scores: np.ndarray, nbrs: np.ndarray, dists: np.ndarray, 
 class D2Config:
     """``features``: ``image_text`` (concatenated), ``image`` or ``text``. ``k`` neighbours; ``gamma`` forward and
     ``beta`` reverse kernel widths; ``fraction`` of valid samples kept; ``score_column`` ('' = the space's).
-    kNN: ``knn`` = auto (exact up to ``exact_max`` samples, else ivf), flat or ivf; ivf projects to ``pca_dim``
-    with PCA, splits the samples into ``nlist`` k-means lists (0 = 2 sqrt(N)) and searches the ``nprobe`` nearest
-    lists; its distances are the projection's plus the energy outside it, or, with ``exact_distances``, recomputed
-    in the full space (slower)."""
+    kNN: ``knn`` = auto (exhaustive up to ``exact_max`` samples, else ivf), flat or ivf; ivf splits the samples
+    into ``nlist`` lists (0 = 2 sqrt(N)) by k-means on a ``pca_dim``-dimensional PCA projection and compares each
+    sample with the members of the ``nprobe`` nearest lists, with exact distances."""
 
     fraction: float = 0.3
     features: Literal["image_text", "image", "text"] = "image_text"
@@ -90,17 +90,16 @@ class D2Config:
     score_column: str = ""
     knn: Literal["auto", "flat", "ivf"] = "auto"
     exact_max: int = 20000
-    pca_dim: int = 128
+    pca_dim: int = 64
     nlist: int = 0
-    nprobe: int = 8
-    exact_distances: bool = False
+    nprobe: int = 4
     seed: int = 0
 
 
 class D2Filter(Filter):
     name = "d2_pruning"
     version = "1"
-    description = "D² pruning: kNN graph, forward and reverse message passing of the CLIP score (image+text/image/text)"
+    description = "D² pruning: kNN graph, forward and reverse message passing of the CLIP score (image+text or one)"
     Config = D2Config
     needs = ("scores",)
 
@@ -120,8 +119,7 @@ class D2Filter(Filter):
                  "image": [view.image_embeddings()], "text": [view.text_embeddings()]}[c.features]
         with self.phase("knn"):
             nbrs, dists, method = knn_graph(Rows(parts, rows), c.k, method=c.knn, exact_max=c.exact_max,
-                                            pca_dim=c.pca_dim, nlist=c.nlist, nprobe=c.nprobe, seed=c.seed,
-                                            exact_distances=c.exact_distances)
+                                            pca_dim=c.pca_dim, nlist=c.nlist, nprobe=c.nprobe, seed=c.seed)
             self.details["knn"] = method
         with self.phase("forward"):
             g = forward_pass(scores[rows] + c.score_offset, nbrs, dists, c.gamma)

@@ -29,13 +29,16 @@ class ClipScoreConfig:
             raise ValueError("set exactly one of fraction and threshold (use fraction=none with a threshold)")
 
 
-def clip_score_mask(flt: Filter, view: FilterView, fraction: float | None, threshold: float | None,
+def clip_score_mask(flt: Filter | None, view: FilterView, fraction: float | None, threshold: float | None,
                     column: str = "") -> np.ndarray:
+    """Rows kept by the CLIP-score rule; removals are counted on ``flt`` unless it is None (a caller that
+    combines this with other tests and counts each sample once itself)."""
     scores = view.scores(column or None)
     finite = np.isfinite(scores)
-    flt.drop("no_embedding", int((~finite).sum()))
     keep = top_fraction_mask(scores, fraction) if fraction is not None else finite & (scores >= threshold)
-    flt.drop("low_clip_score", int((finite & ~keep).sum()))
+    if flt is not None:
+        flt.drop("no_embedding", int((~finite).sum()))
+        flt.drop("low_clip_score", int((finite & ~keep).sum()))
     return keep
 
 
@@ -48,6 +51,7 @@ class ClipScoreFilter(Filter):
 
     def select(self, view: FilterView) -> np.ndarray:
         c = self.config
+        self.details["score_column"] = c.column or view.score_column
         with self.phase("select"):
             keep = clip_score_mask(self, view, c.fraction, c.threshold, c.column)
             return view.uids_of(keep)
@@ -141,7 +145,7 @@ def normsim_scores(view: FilterView, rows: np.ndarray, target: np.ndarray, p: st
 class NormSimFilter(Filter):
     name = "normsim"
     version = "1"
-    description = "NormSim: similarity of image embeddings to a target set (max or 2-norm), optionally after negCLIPLoss"
+    description = "NormSim: image similarity to a target set (max or 2-norm), optionally after negCLIPLoss"
     Config = NormSimConfig
     needs = ("image_embeddings", "reference:{reference}")
 

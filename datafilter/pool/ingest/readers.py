@@ -74,7 +74,8 @@ def read_folder(root: Path) -> list[dict[str, Any]]:
                         "skip": None}
                 if i > 0:
                     item["skip"] = "duplicate_name"
-                elif _leaves(dirpath, name, root_real) or (caption is not None and _leaves(dirpath, caption, root_real)):
+                elif _leaves(dirpath, name, root_real) or (
+                        caption is not None and _leaves(dirpath, caption, root_real)):
                     item["skip"] = "symlink_outside_source"
                 items.append(item)
     items.sort(key=lambda it: it["path"])

@@ -12,15 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datafilter.common.executor import ShardJob, run_shard_jobs
-from datafilter.common.files import atomic_path, read_json, stable_hash, write_json
+from datafilter.common.files import atomic_path, read_json, sha256_file, stable_hash, write_json
+from datafilter.common.launch import launch_env
 from datafilter.pool.format import CORE_COLUMNS, shard_name, shard_paths
 from datafilter.pool.ingest.config import IngestConfig, IngestError
 from datafilter.pool.ingest.jobs import FilesShard, TarShard, backup_tar, index_tar_shard, ingest_files_shard
@@ -212,8 +215,9 @@ _RESERVED = {"url", "caption", "key", "status", "error_message", "width", "heigh
 
 
 def _ingest_urls(source: Path, out: Path, cfg: IngestConfig) -> None:
-    from datafilter.common.files import sha256_file
-
+    if launch_env().distributed:
+        raise IngestError("URL ingest runs img2dataset, which spreads the downloads over processes itself; "
+                          "start it as a single process (no torchrun/srun), with --workers processes")
     table, duplicates = read_url_table(source, cfg)
     state = JobState(out, source, cfg, sha256_file(source)[:16], {"items": table.num_rows})
     if state.claim(out):
@@ -244,8 +248,6 @@ def _download(input_path: Path, shards_dir: Path, cfg: IngestConfig, keep_column
 
     Its incremental mode skips shards it finished before, so a killed download resumes too.
     """
-    import os
-
     # albumentations (imported by img2dataset) otherwise asks the network for a newer version of itself
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset
@@ -290,5 +292,20 @@ def ingest(source: str | Path, out: str | Path | None, cfg: IngestConfig) -> Pat
         _ingest_urls(source, out, cfg)
     else:
         _ingest_files(source, out, cfg)
+    if read_json(out / STATE_DIR / "job.json").get("complete"):
+        _warn_duplicate_uids(out)
     return out
+
+
+def _warn_duplicate_uids(out: Path) -> None:
+    """Shard jobs skip uids repeated within a shard; repeats across shards (a producer's uid in two shards, or a
+    table's uid column) can only be seen once the pool is complete. They are reported, not removed."""
+    from datafilter.pool.pool import Pool
+    from datafilter.pool.uid import sort_uids
+
+    uids = sort_uids(Pool(out).uids)
+    repeats = int(np.count_nonzero(uids[1:] == uids[:-1])) if len(uids) > 1 else 0
+    if repeats:
+        log.warning("%s: %d sample(s) repeat the uid of an earlier sample in another shard; subsets select by uid, "
+                    "so deduplicate the source or drop its uids", out, repeats)
 
