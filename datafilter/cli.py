@@ -21,6 +21,7 @@ STAGES = (
     "datafilter.filters.cli",
     "datafilter.train.cli",
     "datafilter.evaluate.cli",
+    "datafilter.bench.cli",
 )
 
 log = logging.getLogger("datafilter")

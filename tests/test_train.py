@@ -112,6 +112,30 @@ def test_two_ranks_split_the_global_batch_and_streaming_equals_memory(toy_pool):
     assert one.images.std() > 0
 
 
+def test_greyscale_and_low_resolution_augmentations():
+    from datafilter.train.data import Jitter, augment
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (200, 32, 32, 3), dtype=torch.uint8)
+    jitter = Jitter.draw(gen, 200, 0, 0.0, 0, greyscale=0.5, low_res=0.5, size=32)
+    assert 60 < int(jitter.grey.sum()) < 140 and 60 < int((jitter.low_res > 0).sum()) < 140
+    assert int(jitter.low_res[jitter.low_res > 0].min()) >= 8 and int(jitter.low_res.max()) <= 16
+    x = augment(images, jitter, pad=0)
+    plain = images.permute(0, 3, 1, 2).float() / 255
+    grey, low = jitter.grey, jitter.low_res > 0
+    assert torch.equal(x[grey][:, 0], x[grey][:, 1]) and torch.equal(x[grey][:, 1], x[grey][:, 2])
+    untouched = ~grey & ~low
+    torch.testing.assert_close(x[untouched], plain[untouched])
+    # shrinking removes the pixel noise: neighbouring pixels of low-resolution copies are much closer
+    def roughness(t):
+        return (t[..., 1:] - t[..., :-1]).abs().mean()
+    assert roughness(x[low & ~grey]) < 0.5 * roughness(plain[low & ~grey])
+    # without these augmentations the random stream of the other draws is unchanged
+    a = Jitter.draw(torch.Generator().manual_seed(1), 50, 2, 0.1, 3)
+    b = Jitter.draw(torch.Generator().manual_seed(1), 50, 2, 0.1, 3, greyscale=0.3, low_res=0.3)
+    assert torch.equal(a.oy, b.oy) and torch.equal(a.template, b.template) and not a.grey.any()
+
+
 # --- the loop --------------------------------------------------------------------------------------------------------
 def test_training_lowers_the_loss_and_zero_shot_beats_chance(tmp_path):
     pool = write_toy_pool(tmp_path / "pool", n=96, shard_size=32)

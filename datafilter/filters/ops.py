@@ -165,17 +165,15 @@ class Rows:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def raw(self, idx: np.ndarray | slice) -> np.ndarray:
+        """The rows in their stored dtype (no float32 conversion, which is the slow part of a read)."""
+        r = self.rows[idx]
+        parts = [p[r] for p in self.parts]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
     def get(self, idx: np.ndarray | slice) -> np.ndarray:
         r = self.rows[idx]
         out = np.empty((len(r), self.dim), np.float32)
-        if isinstance(idx, np.ndarray) and len(r) > 1:  # read memory-mapped files in increasing row order
-            order = np.argsort(r, kind="stable")
-            r_sorted = r[order]
-            lo = 0
-            for p in self.parts:
-                out[order, lo:lo + p.shape[1]] = p[r_sorted]
-                lo += p.shape[1]
-            return out
         lo = 0
         for p in self.parts:
             out[:, lo:lo + p.shape[1]] = p[r]
@@ -183,11 +181,12 @@ class Rows:
         return out
 
 
-def clustered_knn(src: Rows, part: np.ndarray, k: int, *, nlist: int, nprobe: int, seed: int, niter: int = 10,
-                  chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist: int, nprobe: int, seed: int,
+                  niter: int = 10, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """Approximate kNN by clusters with exact distances, computed with matrix products.
 
-    k-means on ``part`` (a cheap projection of the rows, e.g. PCA) puts every row in one of ``nlist`` lists; the
+    k-means on ``part`` (a cheap projection of the rows, e.g. PCA) puts every row in one of ``nlist`` lists
+    (``sq``: the rows' squared norms); the
     members of a list are compared, in the full space of ``src``, with the members of the ``nprobe`` lists whose
     centroids are nearest to their own (their own list first). Only the partition is approximate: every distance
     is exact. The rows are first copied in list order (in their own dtype: the size of the input), so each list's
@@ -214,11 +213,9 @@ def clustered_knn(src: Rows, part: np.ndarray, k: int, *, nlist: int, nprobe: in
     bounds = np.searchsorted(lists[order], np.arange(nlist + 1))
     _, near = index.search(centroids, min(nprobe + 1, nlist))
     by_list = np.empty((m, src.dim), src.dtype)  # row i of by_list is row order[i] of src, stored as read
-    sqn = np.empty(m, np.float32)  # squared norms, in list order
     for s in tqdm(range(0, m, chunk), desc="sort by list", unit="chunk", disable=m <= 4 * chunk):
-        block = src.get(order[s:s + chunk])
-        by_list[s:s + len(block)] = block
-        sqn[s:s + len(block)] = np.einsum("ij,ij->i", block, block)
+        by_list[s:s + chunk] = src.raw(order[s:s + chunk])
+    sqn = sq[order].astype(np.float32)  # squared norms, in list order
     ids = np.full((m, k), -1, np.int64)
     dist = np.full((m, k), np.inf, np.float32)
 
@@ -309,8 +306,10 @@ def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: 
         raise ValueError(f"unknown kNN method {method!r} (auto, flat, ivf)")
     pca = PCA(src.get(sample_rows(np.arange(m), min(m, 20_000), seed)), pca_dim) if 0 < pca_dim < d else None
     part = np.empty((m, pca_dim if pca is not None else d), np.float32)
+    sq = np.empty(m, np.float32)
     for s in tqdm(range(0, m, chunk), desc="project", unit="chunk", disable=m <= 4 * chunk):
         block = src.get(slice(s, s + chunk))
+        sq[s:s + len(block)] = np.einsum("ij,ij->i", block, block)
         part[s:s + len(block)] = pca.apply(block) if pca is not None else block
-    ids, dist = clustered_knn(src, part, k, nlist=nlist or max(1, int(2 * np.sqrt(m))), nprobe=nprobe, seed=seed)
+    ids, dist = clustered_knn(src, part, sq, k, nlist=nlist or max(1, int(2 * np.sqrt(m))), nprobe=nprobe, seed=seed)
     return ids, dist, method

@@ -41,6 +41,7 @@ class Source:
     what: str
     feeds: tuple[str, ...]
     homepage: str = ""
+    optional: bool = False  # the builds work without it (with less variety)
 
 
 # Versions are pinned so that a recipe and seed always mean the same pixels; the render cache is keyed by them.
@@ -79,7 +80,7 @@ SOURCES: tuple[Source, ...] = (
            "Symbola, a monochrome emoji font", ("suite: imagenet_symbola",), "https://dn-works.com/ufas/"),
     Source("papirus-icon-theme", "debian", "20230104-2", "GPL-3.0", "Papirus application icons",
            ("pool: off-topic images (app icons; blank and noise images still work)",),
-           "https://github.com/PapirusDevelopmentTeam/papirus-icon-theme"),
+           "https://github.com/PapirusDevelopmentTeam/papirus-icon-theme", optional=True),
     Source("scikit-learn", "pypi", "", "BSD-3-Clause (package); UCI optical digits", "sklearn's 8x8 digits (1,797)",
            ("suite: sklearn_digits",), "https://scikit-learn.org"),
 )
@@ -246,6 +247,10 @@ class InstallReport:
     def failed(self) -> list[SourceStatus]:
         return [s for s in self.statuses if not s.ok]
 
+    @property
+    def failed_required(self) -> list[SourceStatus]:
+        return [s for s in self.failed if not s.source.optional]
+
 
 def install() -> InstallReport:
     """Install every source that is missing (a fast no-op when all are present) and check them all afterwards."""
@@ -278,7 +283,7 @@ def format_status(statuses: list[SourceStatus]) -> str:
         lines.append("")
         lines.append(f"{len(bad)} source(s) unavailable:")
         for st in bad:
-            lines.append(f"  {st.source.name}: {st.problem}")
+            lines.append(f"  {st.source.name}{' (optional)' if st.source.optional else ''}: {st.problem}")
             lines.append(f"    affects: {'; '.join(st.source.feeds)}")
     else:
         lines.append("")

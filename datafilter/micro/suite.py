@@ -287,8 +287,7 @@ def build_suite(recipe: Recipe, out: Path, pool_dir: Path | None = None, workers
     tasks, ref = plan_tasks(world)
     pool_specs = pool_art_specs(world)
     _render_all(world, [s for t in tasks + [ref] for s in t.specs] + pool_specs)
-    renders = {c: world.rendered(c) for c in world._renders}
-    comp = Composer(renders, recipe.image_size)
+    comp = Composer(world.rendered(), recipe.image_size)
 
     log.info("overlap check: %d pool drawings%s", len(pool_specs), f" + pool {pool_dir}" if pool_dir else "")
     pool_imgs, pool_ok = _make(comp, pool_specs)

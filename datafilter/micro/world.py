@@ -194,6 +194,8 @@ class World:
     @cached_property
     def apps(self) -> list[str]:
         names = sorted(catalog.app_icons(), key=catalog.split_fraction)
+        if not names:
+            log.warning("no app icons (papirus-icon-theme not installed): off-topic images are blank and noise only")
         if self.recipe.limits.apps:
             names = names[: self.recipe.limits.apps]
         return sorted(names)
@@ -235,5 +237,6 @@ class World:
         self._renders[collection] = rs
         return rs
 
-    def rendered(self, collection: str) -> RenderSet:
-        return self._renders[collection]
+    def rendered(self) -> dict[str, RenderSet]:
+        """Every render set opened so far, by collection."""
+        return dict(self._renders)

@@ -33,6 +33,8 @@ class TrainConfig:
     caption_templates: tuple[str, ...] = ()
     jitter_pad: int = 2  # pad-and-crop translation jitter, in pixels at the model's input size
     colour_jitter: float = 0.1  # brightness and contrast factors drawn from [1 - x, 1 + x]
+    greyscale: float = 0.0  # probability of turning an image grey
+    low_res: float = 0.0  # probability of shrinking an image to 8..S/2 pixels and blowing it up again
     # DDP options of open_clip's ClipLoss: gather features with their gradients, and compute only this rank's rows.
     gather_with_grad: bool = True
     local_loss: bool = False
@@ -55,6 +57,8 @@ class TrainConfig:
                 raise ValueError(f"caption template {t!r} has no '{{c}}' for the caption")
         if self.jitter_pad < 0 or not 0 <= self.colour_jitter < 1:
             raise ValueError("jitter_pad must be >= 0 and colour_jitter in [0, 1)")
+        if not (0 <= self.greyscale <= 1 and 0 <= self.low_res <= 1):
+            raise ValueError("greyscale and low_res are probabilities in [0, 1]")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every and log_every must be positive")
 

@@ -203,25 +203,37 @@ class Jitter:
     contrast: torch.Tensor  # [n] factors in [1 - colour, 1 + colour]
     bright: torch.Tensor
     template: torch.Tensor  # [n] caption template index
+    grey: torch.Tensor  # [n] bool: convert to greyscale
+    low_res: torch.Tensor  # [n] side to shrink to and blow up from; 0: keep the resolution
 
     @classmethod
-    def draw(cls, gen: torch.Generator, n: int, pad: int, colour: float, templates: int) -> "Jitter":
+    def draw(cls, gen: torch.Generator, n: int, pad: int, colour: float, templates: int, greyscale: float = 0.0,
+             low_res: float = 0.0, low_res_min: int = 8, size: int = 32) -> "Jitter":
         oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
         ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
         contrast = 1 + (torch.rand(n, generator=gen) * 2 - 1) * colour
         bright = 1 + (torch.rand(n, generator=gen) * 2 - 1) * colour
         template = torch.randint(0, max(templates, 1), (n,), generator=gen)
-        return cls(oy, ox, contrast, bright, template)
+        # Drawn after the others, so recipes without these augmentations keep their exact random stream.
+        grey = torch.rand(n, generator=gen) < greyscale if greyscale > 0 else torch.zeros(n, dtype=torch.bool)
+        if low_res > 0:
+            sides = torch.randint(low_res_min, max(low_res_min, size // 2) + 1, (n,), generator=gen)
+            low = torch.where(torch.rand(n, generator=gen) < low_res, sides, torch.zeros_like(sides))
+        else:
+            low = torch.zeros(n, dtype=torch.long)
+        return cls(oy, ox, contrast, bright, template, grey, low)
 
     def __getitem__(self, sl: slice) -> "Jitter":
-        return Jitter(self.oy[sl], self.ox[sl], self.contrast[sl], self.bright[sl], self.template[sl])
+        return Jitter(self.oy[sl], self.ox[sl], self.contrast[sl], self.bright[sl], self.template[sl],
+                      self.grey[sl], self.low_res[sl])
 
 
 def augment(images: torch.Tensor, jitter: Jitter, pad: int) -> torch.Tensor:
     """``uint8 [n, S, S, 3]`` -> float ``[n, 3, S, S]`` in [0, 1], shifted and colour-jittered per sample.
 
     Pad-and-crop shifts each image by up to ``pad`` pixels (edge pixels repeated, so a white icon background stays
-    white); contrast and brightness are scaled by the drawn factors.
+    white); the chosen images are shrunk and blown up again (low resolution) or turned grey; contrast and brightness
+    are scaled by the drawn factors.
     """
     x = images.permute(0, 3, 1, 2).float().div_(255)
     n, _, s, _ = x.shape
@@ -233,6 +245,13 @@ def augment(images: torch.Tensor, jitter: Jitter, pad: int) -> torch.Tensor:
         iy = (jitter.oy[:, None] + ar)[:, None, :, None]
         ix = (jitter.ox[:, None] + ar)[:, None, None, :]
         x = padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], iy, ix]
+    for side in torch.unique(jitter.low_res[jitter.low_res > 0]).tolist():
+        idx = torch.nonzero(jitter.low_res == side).flatten()
+        small = torch.nn.functional.interpolate(x[idx], size=(side, side), mode="area")
+        x[idx] = torch.nn.functional.interpolate(small, size=(s, s), mode="bilinear", align_corners=False)
+    if jitter.grey.any():
+        luma = (x[jitter.grey] * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        x[jitter.grey] = luma.expand(-1, 3, -1, -1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     contrast, bright = jitter.contrast.view(n, 1, 1, 1), jitter.bright.view(n, 1, 1, 1)
     return (((x - mean) * contrast + mean) * bright).clamp_(0, 1)
@@ -256,12 +275,13 @@ class StepBatches(torch.utils.data.Dataset):
                  valid: np.ndarray | None, tokenizer: Callable[[list[str]], torch.Tensor], seed: int,
                  batch_size_at: Callable[[int], int], steps: int, rank: int, world_size: int,
                  templates: Sequence[str], jitter_pad: int, colour_jitter: float,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float], greyscale: float = 0.0, low_res: float = 0.0):
         self.rows, self.texts, self.images, self.valid = rows, texts, images, valid
         self.tokenizer, self.seed, self.batch_size_at, self.steps = tokenizer, seed, batch_size_at, steps
         self.rank, self.world_size = rank, world_size
         self.templates = tuple(templates)
         self.jitter_pad, self.colour_jitter = jitter_pad, colour_jitter
+        self.greyscale, self.low_res = greyscale, low_res
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -291,7 +311,8 @@ class StepBatches(torch.utils.data.Dataset):
             rows[bad] = rows[good[bad % len(good)]]
             pixels[bad] = pixels[good[bad % len(good)]]
         gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, step, 1]).integers(1 << 62)))
-        jitter = Jitter.draw(gen, count, self.jitter_pad, self.colour_jitter, len(self.templates))[local]
+        jitter = Jitter.draw(gen, count, self.jitter_pad, self.colour_jitter, len(self.templates), self.greyscale,
+                             self.low_res, size=pixels.shape[1])[local]
         x = augment(torch.from_numpy(np.ascontiguousarray(pixels)), jitter, self.jitter_pad)
         x = (x - self.mean) / self.std
         captions = [str(self.texts[r]) for r in rows]

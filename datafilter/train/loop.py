@@ -238,7 +238,7 @@ def _train(pool: Pool, out: Path, cfg: TrainConfig, subset: str | Path | None, i
         rows=rows, texts=texts, images=source, valid=valid, tokenizer=tokenizer, seed=cfg.seed,
         batch_size_at=cfg.batch_size_at, steps=cfg.steps, rank=env.rank, world_size=env.world_size,
         templates=cfg.caption_templates, jitter_pad=cfg.jitter_pad, colour_jitter=cfg.colour_jitter,
-        mean=visual.image_mean, std=visual.image_std)
+        mean=visual.image_mean, std=visual.image_std, greyscale=cfg.greyscale, low_res=cfg.low_res)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, cfg.steps),
                                          num_workers=cfg.workers, collate_fn=_identity,
                                          persistent_workers=False, prefetch_factor=4 if cfg.workers else None)

@@ -30,16 +30,17 @@ from datafilter.train.data import cache_root
 log = logging.getLogger(__name__)
 
 SCORER_MODEL = "datafilter-scorer-vit"
-SCORER_VERSION = 1
+SCORER_VERSION = 2
 SCORER_FILE = "scorer.json"
 # Where ``datafilter scorer train`` builds the clean pool when none is given (paths relative to the working folder).
 DEFAULT_POOL_RECIPE = Path("pools/scorer.yaml")
 DEFAULT_POOL_DIR = Path("work/pools/scorer")
 
 # The recipe: the micro benchmark's optimiser settings, a bigger model and 3x its samples seen. Raw captions (no
-# templates): the scorer is asked about the pools' own captions.
+# templates): the scorer is asked about the pools' own captions. Grey and low-resolution copies teach it that line
+# art, monochrome styles and blurry digits still show the same things.
 SCORER_CONFIG = TrainConfig(model=SCORER_MODEL, samples_seen=393_216, batch_size=256, lr=2e-3, warmup=100,
-                            checkpoint_every=200)
+                            greyscale=0.2, low_res=0.2, checkpoint_every=200)
 
 
 def scorer_root() -> Path:

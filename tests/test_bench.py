@@ -1,0 +1,83 @@
+"""The whole benchmark on the nano pool: every stage runs, the table has DataComp's columns, and a rerun reuses work."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from datafilter.bench.config import BenchConfigError, load_bench_config
+from datafilter.bench.run import run_bench
+from datafilter.bench.table import COLUMNS, aggregate, markdown
+from datafilter.filters.subset import load_subset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, **extra) -> Path:
+    cfg = {"name": "smoke", "recipe": str(ROOT / "pools" / "nano.yaml"), "embed_model": "datafilter-nano-vit",
+           "scale": "nano", "samples_seen": 256, "seeds": [0],
+           "filters": [{"label": "No filtering", "name": "none"},
+                       {"label": "CLIP score (30%)", "name": "clip_score", "params": {"fraction": 0.3}}]}
+    cfg.update(extra)
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return path
+
+
+@pytest.mark.slow
+def test_bench_runs_every_stage_and_resumes(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    work = tmp_path / "work"
+    summary = run_bench(load_bench_config(_config(tmp_path)), work, workers=1)
+    bench = Path(summary["bench_dir"])
+
+    with open(bench / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["filter"] for r in rows] == ["No filtering", "CLIP score (30%)"]
+    for r in rows:
+        assert set(COLUMNS) <= set(r)
+        assert all(0.0 <= float(r[c]) <= 100.0 for c in COLUMNS)
+    sizes = {label: len(load_subset(s["path"])[0]) for label, s in summary["subsets"].items()}
+    assert [int(r["dataset size"]) for r in rows] == [sizes["No filtering"], sizes["CLIP score (30%)"]]
+    pool_rows = summary["subsets"]["No filtering"]["noise"]["any_noise"]["count"]
+    assert sizes["CLIP score (30%)"] == pytest.approx(0.3 * sizes["No filtering"], abs=2)
+    assert pool_rows > 0  # the nano pool carries ground truth, so the report measured the noise removed
+    md = (bench / "results.md").read_text()
+    assert "| Filtering strategy | Dataset size | ImageNet | ImageNet dist. shift | VTAB | Retrieval | Average |" in md
+
+    # A rerun trains nothing and evaluates nothing again: the checkpoints and results stay as they were.
+    ckpts = sorted((bench / "runs").glob("*/eval.json"))
+    assert len(ckpts) == 2
+    before = {p: p.stat().st_mtime_ns for p in ckpts}
+    subset = Path(summary["subsets"]["CLIP score (30%)"]["path"])
+    subset_mtime = subset.stat().st_mtime_ns
+    run_bench(load_bench_config(_config(tmp_path)), work, workers=1)
+    assert {p: p.stat().st_mtime_ns for p in ckpts} == before
+    assert subset.stat().st_mtime_ns == subset_mtime
+
+    # Changing a filter's parameters redoes that subset (and only that one).
+    cfg = _config(tmp_path, filters=[{"label": "CLIP score (30%)", "name": "clip_score", "params": {"fraction": 0.5}}])
+    run_bench(load_bench_config(cfg), work, workers=1, stop_after="filter")
+    assert len(load_subset(subset)[0]) == pytest.approx(0.5 * sizes["No filtering"], abs=2)
+
+
+def test_table_mean_and_std_over_seeds():
+    rows = [{"filter": "A", "seed": s, "size": 10, "groups": {c: v for c in COLUMNS}, "tasks": {}}
+            for s, v in ((0, 0.10), (1, 0.20))]
+    (entry,) = aggregate(rows)
+    assert entry["ImageNet"] == pytest.approx(15.0)
+    assert entry["ImageNet std"] == pytest.approx(np.std([10.0, 20.0], ddof=1))
+    assert "15.0 ± 7.1" in markdown([entry])
+
+
+def test_config_errors_are_named(tmp_path):
+    with pytest.raises(BenchConfigError, match="labels must differ"):
+        load_bench_config(_config(tmp_path, filters=[{"label": "A", "name": "none"}, {"label": "a", "name": "none"}]))
+    with pytest.raises(BenchConfigError, match="unknown keys"):
+        load_bench_config(_config(tmp_path, sedes=[1]))
+    with pytest.raises(BenchConfigError, match="recipe, or both pool and suite"):
+        load_bench_config(_config(tmp_path, recipe=None))
