@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datafilter.micro import sources
+from datafilter.micro.recipe import load_recipe
+
 from datafilter.pool import ImageConfig, ShardWriter, make_uid
+
+ROOT = Path(__file__).resolve().parents[1]
+NANO = ROOT / "pools" / "nano.yaml"
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (240, 220, 40)}
 SHAPES = ("square", "circle", "bar")
@@ -51,3 +57,25 @@ def write_toy_pool(path: Path, n: int = 48, shard_size: int = 16, seed: int = 0)
 @pytest.fixture
 def toy_pool(tmp_path: Path) -> Path:
     return write_toy_pool(tmp_path / "pool")
+
+
+def need_sources() -> None:
+    missing = [s for s in sources.status() if not s.ok and s.source.name != "papirus-icon-theme"]
+    if missing:
+        pytest.fail("micro sources not installed (run `datafilter sources install`): "
+                    + ", ".join(s.source.name for s in missing))
+
+
+@pytest.fixture(scope="session")
+def nano_builds(tmp_path_factory) -> dict[str, Path]:
+    """nano's pool built twice (1 and 2 workers) and its suite, once per test session."""
+    need_sources()
+    from datafilter.micro.poolbuild import build_pool
+    from datafilter.micro.suite import build_suite
+
+    root = tmp_path_factory.mktemp("nano")
+    recipe = load_recipe(NANO)
+    build_pool(recipe, root / "pool_a", workers=2)
+    build_pool(recipe, root / "pool_b", workers=1)
+    build_suite(recipe, root / "suite", pool_dir=root / "pool_a", workers=2)
+    return {"pool": root / "pool_a", "pool_b": root / "pool_b", "suite": root / "suite", "root": root}

@@ -1,6 +1,7 @@
 """The whole benchmark on the nano pool: every stage runs, the table has DataComp's columns, and a rerun reuses work."""
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,12 @@ from datafilter.bench.run import run_bench
 from datafilter.bench.table import COLUMNS, aggregate, markdown
 from datafilter.filters.subset import load_subset
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import NANO
+
 
 
 def _config(tmp_path: Path, **extra) -> Path:
-    cfg = {"name": "smoke", "recipe": str(ROOT / "pools" / "nano.yaml"), "embed_model": "datafilter-nano-vit",
+    cfg = {"name": "smoke", "recipe": str(NANO), "embed_model": "datafilter-nano-vit",
            "scale": "nano", "samples_seen": 256, "seeds": [0],
            "filters": [{"label": "No filtering", "name": "none"},
                        {"label": "CLIP score (30%)", "name": "clip_score", "params": {"fraction": 0.3}}]}
@@ -27,12 +29,14 @@ def _config(tmp_path: Path, **extra) -> Path:
 
 
 @pytest.mark.slow
-def test_bench_runs_every_stage_and_resumes(tmp_path):
+def test_bench_runs_every_stage_and_resumes(tmp_path, nano_builds):
     import torch
 
     torch.set_num_threads(1)
     work = tmp_path / "work"
-    summary = run_bench(load_bench_config(_config(tmp_path)), work, workers=1)
+    pool = shutil.copytree(nano_builds["pool"], tmp_path / "pool")  # the bench adds embeddings to its pool
+    dirs = {"pool": str(pool), "suite": str(nano_builds["suite"])}
+    summary = run_bench(load_bench_config(_config(tmp_path, **dirs)), work, workers=1)
     bench = Path(summary["bench_dir"])
 
     with open(bench / "results.csv") as f:
@@ -55,12 +59,12 @@ def test_bench_runs_every_stage_and_resumes(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in ckpts}
     subset = Path(summary["subsets"]["CLIP score (30%)"]["path"])
     subset_mtime = subset.stat().st_mtime_ns
-    run_bench(load_bench_config(_config(tmp_path)), work, workers=1)
+    run_bench(load_bench_config(_config(tmp_path, **dirs)), work, workers=1)
     assert {p: p.stat().st_mtime_ns for p in ckpts} == before
     assert subset.stat().st_mtime_ns == subset_mtime
 
     # Changing a filter's parameters redoes that subset (and only that one).
-    cfg = _config(tmp_path, filters=[{"label": "CLIP score (30%)", "name": "clip_score", "params": {"fraction": 0.5}}])
+    cfg = _config(tmp_path, **dirs, filters=[{"label": "CLIP score (30%)", "name": "clip_score", "params": {"fraction": 0.5}}])
     run_bench(load_bench_config(cfg), work, workers=1, stop_after="filter")
     assert len(load_subset(subset)[0]) == pytest.approx(0.5 * sizes["No filtering"], abs=2)
 

@@ -3,10 +3,7 @@ configs, subsets and the command line. Everything runs on toy pools with random 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata as im
-import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

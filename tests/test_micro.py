@@ -15,30 +15,7 @@ from PIL import Image
 from datafilter.micro import sources
 from datafilter.micro.recipe import NOISE_KINDS, RecipeError, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-NANO = ROOT / "pools" / "nano.yaml"
-
-
-def _need_sources() -> None:
-    missing = [s for s in sources.status() if not s.ok and s.source.name != "papirus-icon-theme"]
-    if missing:
-        pytest.skip("micro sources not installed (datafilter sources install): "
-                    + ", ".join(s.source.name for s in missing))
-
-
-@pytest.fixture(scope="session")
-def nano_builds(tmp_path_factory) -> dict[str, Path]:
-    """nano's pool built twice (1 and 2 workers) and its suite, once per test session."""
-    _need_sources()
-    from datafilter.micro.poolbuild import build_pool
-    from datafilter.micro.suite import build_suite
-
-    root = tmp_path_factory.mktemp("nano")
-    recipe = load_recipe(NANO)
-    build_pool(recipe, root / "pool_a", workers=2)
-    build_pool(recipe, root / "pool_b", workers=1)
-    build_suite(recipe, root / "suite", pool_dir=root / "pool_a", workers=2)
-    return {"pool": root / "pool_a", "pool_b": root / "pool_b", "suite": root / "suite", "root": root}
+from conftest import NANO, ROOT, need_sources
 
 
 # --- recipes ---------------------------------------------------------------------------------------------------------
@@ -111,7 +88,7 @@ def test_install_reports_a_failed_debian_package_without_crashing(tmp_path, monk
 
 
 def test_a_missing_shift_style_only_loses_its_own_set(monkeypatch, caplog):
-    _need_sources()
+    need_sources()
     from datafilter.micro import catalog
     from datafilter.micro.world import World
 
@@ -159,6 +136,24 @@ def test_same_recipe_and_seed_give_byte_identical_shards(nano_builds):
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "ground_truth.parquet").read_bytes() == (b / "ground_truth.parquet").read_bytes()
+
+
+def test_a_killed_build_resumes_without_redoing_finished_shards(nano_builds, tmp_path):
+    import shutil
+
+    from datafilter.micro.poolbuild import build_pool
+
+    pool = tmp_path / "pool"
+    shutil.copytree(nano_builds["pool"], pool)
+    # As after a kill while shard 1 was being written: no stats file (the completion marker), no ground truth yet.
+    (pool / "00000001_stats.json").unlink()
+    (pool / "00000001.tar").write_bytes(b"half a tar")
+    (pool / "ground_truth.parquet").unlink()
+    finished = (pool / "00000000.tar").stat().st_mtime_ns
+    build_pool(load_recipe(NANO), pool, workers=1)
+    assert (pool / "00000000.tar").stat().st_mtime_ns == finished
+    for name in ("00000001.tar", "00000001.parquet", "00000001_stats.json", "ground_truth.parquet"):
+        assert (pool / name).read_bytes() == (nano_builds["pool"] / name).read_bytes(), name
 
 
 def test_another_seed_changes_the_pool(nano_builds):
@@ -293,7 +288,7 @@ def test_suite_contact_sheets_one_per_set(nano_builds, tmp_path):
 
 
 def test_cli_builds_nano_without_arguments_beyond_the_recipe(tmp_path, monkeypatch):
-    _need_sources()
+    need_sources()
     from datafilter.cli import main
 
     monkeypatch.chdir(tmp_path)

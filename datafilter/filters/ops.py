@@ -3,15 +3,12 @@ embeddings, k-means and nearest-centroid assignment, and kNN graphs (faiss, thre
 
 from __future__ import annotations
 
-import logging
 from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from datafilter.common.launch import free_cores
-
-log = logging.getLogger(__name__)
 
 CHUNK = 32768
 

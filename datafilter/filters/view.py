@@ -290,10 +290,10 @@ class FilterView:
             self._cache[key] = _read_only(np.asarray(col.to_numpy(zero_copy_only=False)))
         return self._cache[key]
 
-    def text(self) -> list[str]:
-        """Captions as Python strings (the ``text`` column)."""
+    def text(self) -> tuple[str, ...]:
+        """Captions as Python strings (the ``text`` column), in a tuple so that no filter can change them."""
         if "texts" not in self._cache:
-            self._cache["texts"] = self.metadata(["text"]).column("text").to_pylist()
+            self._cache["texts"] = tuple(self.metadata(["text"]).column("text").to_pylist())
         return self._cache["texts"]
 
     # --- embeddings and scores -------------------------------------------------------------------------------------

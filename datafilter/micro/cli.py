@@ -128,7 +128,7 @@ def _suite_build(args: argparse.Namespace) -> int:
     o = suite["overlap"]
     print(f"overlap check: {o['eval_images_checked']:,} evaluation images against {o['pool_images_checked']:,} pool "
           f"images: {o['exact']} exact, {o['near_duplicate']} near copies (cosine >= {o['threshold']}) dropped; "
-          f"highest similarity kept {o['max_similarity_kept']:.3f}")
+          f"highest similarity kept {o['max_similarity_kept']:.4f}")
     print(f"suite {out}: {len(suite['tasks'])} tasks")
     return 0
 

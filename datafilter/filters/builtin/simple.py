@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class RandomFilter(Filter):
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-def english_mask(texts: list[str], language: str) -> np.ndarray:
+def english_mask(texts: Sequence[str], language: str) -> np.ndarray:
     """True where py3langid (its model ships in the wheel) names ``language`` as the caption's language."""
     import py3langid
 
@@ -125,7 +126,7 @@ def load_classnames(spec: str) -> list[str]:
     return [n for n in names if n]
 
 
-def caption_matches(texts: list[str], classnames: list[str]) -> np.ndarray:
+def caption_matches(texts: Sequence[str], classnames: Sequence[str]) -> np.ndarray:
     """True where a caption contains one of the class names as a run of whole words.
 
     Class names become tuples of lower-case words; a caption's word n-grams of the lengths present are looked up
