@@ -22,7 +22,7 @@ from datafilter.common.launch import LaunchEnv
 from datafilter.embed.decode import ImageDecoder
 from datafilter.embed.pipeline import EmbedConfig, default_space, embed_pool, score_column
 from datafilter.embed.reference import embed_reference_sets
-from datafilter.embed.shards import tar_members, tar_samples
+from datafilter.pool.tario import TarError, tar_members, tar_samples
 from datafilter.embed.store import EmbeddingError, EmbeddingStore
 from datafilter.models import CheckpointError, ModelSpec, create_model, load_model, save_checkpoint
 from datafilter.pool import Pool, PoolError, hex_to_uids
@@ -313,10 +313,10 @@ def test_tar_reader_rejects_damage_naming_the_file(tmp_path):
         tf.addfile(info, io.BytesIO(b"x" * 2000))
     raw = path.read_bytes()
     path.write_bytes(raw[:1200])
-    with pytest.raises(PoolError, match=r"x\.tar: truncated tar"):
+    with pytest.raises(TarError, match=r"x\.tar: truncated tar"):
         list(tar_members(path))
     path.write_bytes(raw[:10] + b"Z" + raw[11:])
-    with pytest.raises(PoolError, match=r"x\.tar: corrupt tar header \(bad checksum"):
+    with pytest.raises(TarError, match=r"x\.tar: corrupt tar header \(bad checksum"):
         list(tar_members(path))
 
 

@@ -258,6 +258,22 @@ def test_semdedup_drops_planted_pairs_like_brute_force():
     assert 3 <= res.counts["near_duplicate"] <= 4
 
 
+def test_semdedup_blocks_do_not_change_the_result():
+    from datafilter.filters.builtin.clusters import dedup_cluster
+
+    rng = np.random.default_rng(15)
+    x = unit(rng.normal(size=(50, 8)))
+    x[20:30] = unit(x[:10] + 0.05 * rng.normal(size=(10, 8)))
+    x = x.astype(np.float32)
+    kept: list[int] = []
+    for i in range(50):
+        if all(float(x[i] @ x[j]) <= 0.97 for j in kept):
+            kept.append(i)
+    expected = np.isin(np.arange(50), kept)
+    assert 0 < (~expected).sum() and np.array_equal(dedup_cluster(x, 0.97, block=7), expected)
+    assert np.array_equal(dedup_cluster(x, 0.97), expected)
+
+
 # --- negCLIPLoss, NormSim, VAE ----------------------------------------------------------------------------------------
 def test_negclip_one_batch_matches_the_formula():
     view, arr = array_view(64, seed=10, invalid=(0,))

@@ -1,11 +1,4 @@
-"""Reading samples out of tar shards fast enough that one decoding worker keeps a model busy.
-
-Python's ``tarfile`` spends about 20 µs of bookkeeping per member, three members per sample; at the project's small
-image sizes that is as much as decoding the image. The reader here parses the 512-byte headers directly (about 3 µs
-per member), verifies each header's checksum, and understands the extensions WebDataset writers produce (POSIX pax
-and GNU long names), so it reads the same archives ``tarfile`` does. Files stream from disk; a shard is never held
-in memory whole.
-"""
+"""Pool shards and reference sets as rows for the embedding pipeline (tars read with ``datafilter.pool.tario``)."""
 
 from __future__ import annotations
 
@@ -14,96 +7,15 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from datafilter.pool.format import IMAGE_EXTS
 from datafilter.pool.pool import PoolError, Shard
-
-BLOCK = 512
-_REGULAR = (b"0", b"\0", b"7")
+from datafilter.pool.tario import TarError, image_of, tar_samples
 
 
-def _octal(field: bytes, tar: Path, what: str) -> int:
-    if field[:1] and field[0] & 0x80:
-        raise PoolError(f"{tar}: base-256 {what} fields are not supported")
+def _samples(tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     try:
-        return int(field.strip(b"\0 ") or b"0", 8)
-    except ValueError:
-        raise PoolError(f"{tar}: corrupt tar header ({what} {field!r})") from None
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
-
-
-def tar_members(tar: Path) -> Iterator[tuple[str, bytes]]:
-    """(name, content) of each regular file in ``tar``, in archive order. Raises ``PoolError`` naming the file."""
-    try:
-        with open(tar, "rb", buffering=1 << 20) as f:
-            long_name: str | None = None
-            pax: dict[str, str] = {}
-            while True:
-                header = f.read(BLOCK)
-                if len(header) < BLOCK or header == bytes(BLOCK):
-                    if 0 < len(header) < BLOCK:
-                        raise PoolError(f"{tar}: truncated tar (partial header at the end)")
-                    return
-                if sum(header[:148]) + 256 + sum(header[156:]) != _octal(header[148:156], tar, "checksum"):
-                    raise PoolError(f"{tar}: corrupt tar header (bad checksum at byte {f.tell() - BLOCK})")
-                size = _octal(header[124:136], tar, "size")
-                kind = header[156:157]
-                if "size" in pax:
-                    size = int(pax["size"])
-                data = f.read(size)
-                if len(data) < size:
-                    raise PoolError(f"{tar}: truncated tar (member cut short at byte {f.tell()})")
-                f.seek(-size % BLOCK, 1)
-                if kind in (b"L", b"K"):  # GNU long name / long link name for the next member
-                    if kind == b"L":
-                        long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-                    continue
-                if kind == b"x":  # pax extended header for the next member
-                    pax = _pax_records(data)
-                    continue
-                if kind == b"g":  # pax global header: nothing we need
-                    continue
-                if kind in _REGULAR:
-                    name = pax.get("path") or long_name
-                    if name is None:
-                        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                        prefix = header[345:500].split(b"\0", 1)[0]
-                        if header[257:262] == b"ustar" and prefix:
-                            name = f"{prefix.decode('utf-8', 'surrogateescape')}/{name}"
-                    yield name, data
-                long_name, pax = None, {}
-    except (ValueError, IndexError) as exc:  # malformed pax records
-        raise PoolError(f"{tar}: corrupt tar ({exc})") from None
-
-
-def tar_samples(tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive members sharing a key (WebDataset's rule: the key is the name up to the first dot)."""
-    key: str | None = None
-    files: dict[str, bytes] = {}
-    for name, data in tar_members(tar):
-        base = name.rsplit("/", 1)[-1]
-        k, _, ext = base.partition(".")
-        if k != key and key is not None:
-            yield key, files
-            files = {}
-        key = k
-        files[ext.lower()] = data
-    if key is not None:
-        yield key, files
-
-
-def image_of(files: dict[str, bytes]) -> bytes | None:
-    ext = next((e for e in IMAGE_EXTS if e in files), None)
-    return None if ext is None else files[ext]
+        yield from tar_samples(tar)
+    except TarError as exc:
+        raise PoolError(str(exc)) from None
 
 
 def pool_shard_rows(shard: Shard) -> Iterator[tuple[int, bytes, str]]:
@@ -126,7 +38,7 @@ def pool_shard_rows(shard: Shard) -> Iterator[tuple[int, bytes, str]]:
         raise PoolError(f"{shard.parquet}: duplicate keys")
     seen = bytearray(len(keys))
     emitted = extra = 0
-    for key, files in tar_samples(shard.tar):
+    for key, files in _samples(shard.tar):
         row = row_of.get(key)
         if row is None:
             extra += 1
@@ -148,7 +60,7 @@ def pool_shard_rows(shard: Shard) -> Iterator[tuple[int, bytes, str]]:
 
 def reference_rows(tar: Path) -> Iterator[tuple[int, bytes, int]]:
     """(position, image bytes, class index) for each sample of a reference-set tar (``KEY.png|jpg|webp`` + ``.cls``)."""
-    for i, (key, files) in enumerate(tar_samples(tar)):
+    for i, (key, files) in enumerate(_samples(tar)):
         image = image_of(files)
         if image is None or "cls" not in files:
             raise PoolError(f"{tar}: sample {key} lacks an image or a .cls label (has {', '.join(sorted(files))})")

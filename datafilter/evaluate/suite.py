@@ -21,19 +21,19 @@ listed the same way) holds::
 
 from __future__ import annotations
 
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from datafilter.common.files import read_json, sha256_file
+from datafilter.pool.format import IMAGE_EXTS
+from datafilter.pool.tario import TarError, image_of, tar_samples
 
 SUITE_FILE = "suite.json"
 TASK_TYPES = ("classification", "retrieval")
 METRICS = {"classification": ("acc1", "mean_per_class_recall"), "retrieval": ("mean_recall@1",)}
 # DataComp's table columns, in table order.
 GROUPS = {"imagenet": "ImageNet", "imagenet_shift": "ImageNet dist. shift", "vtab": "VTAB", "retrieval": "Retrieval"}
-IMAGE_EXTS = ("png", "webp", "jpg", "jpeg")
 
 
 class SuiteError(ValueError):
@@ -83,14 +83,13 @@ class Task:
         """(key, image bytes, other members by extension) for every sample, in shard order."""
         for shard in self.shards():
             try:
-                with tarfile.open(shard, "r") as tf:
-                    for key, files in _group_members(tf):
-                        ext = next((e for e in IMAGE_EXTS if e in files), None)
-                        if ext is None:
-                            raise SuiteError(f"{shard}: sample {key} has no image ({', '.join(IMAGE_EXTS)})")
-                        yield key, files[ext], files
-            except (tarfile.TarError, EOFError) as exc:
-                raise SuiteError(f"{shard}: unreadable tar ({exc})") from None
+                for key, files in tar_samples(shard):
+                    image = image_of(files)
+                    if image is None:
+                        raise SuiteError(f"{shard}: sample {key} has no image ({', '.join(IMAGE_EXTS)})")
+                    yield key, image, files
+            except TarError as exc:
+                raise SuiteError(str(exc)) from None
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "group": self.group, "metric": self.metric,
@@ -161,22 +160,3 @@ def _lines(path: Path) -> list[str]:
     if not lines:
         raise SuiteError(f"{path} is empty")
     return lines
-
-
-def _group_members(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for consecutive members sharing a key (WebDataset grouping; key = name up to the
-    first dot of the file name)."""
-    key, files = None, {}
-    for m in tf:
-        if not m.isfile():
-            continue
-        base = m.name.rsplit("/", 1)[-1]
-        k, _, ext = base.partition(".")
-        if k != key and key is not None:
-            yield key, files
-            files = {}
-        key = k
-        f = tf.extractfile(m)
-        files[ext.lower()] = f.read() if f else b""
-    if key is not None:
-        yield key, files

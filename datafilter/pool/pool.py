@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datafilter.common.files import read_json, stable_hash
-from datafilter.pool.format import IMAGE_EXTS, STATS_SUFFIX, shard_paths
-from datafilter.pool.uid import hex_to_uids, uids_to_hex
+from datafilter.common.files import read_json, sha256_file, stable_hash
+from datafilter.pool.format import IMAGE_EXTS, shard_paths
+from datafilter.pool.uid import hex_to_uids
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +165,12 @@ class Pool:
     # --- summary ---------------------------------------------------------------------------------------------------
     @cached_property
     def pool_id(self) -> str:
-        """A short content id: the hash of the shard names, sizes and uid list."""
-        return stable_hash([(s.name, s.num_samples) for s in self.shards] + [uids_to_hex(self.uids[:1])])
+        """A short content id: the hash of each shard's name and parquet bytes.
+
+        The parquet holds every uid, caption and image sha256, so two pools share an id exactly when they hold the
+        same samples; caches keyed by it (scorers, decoded images, training runs) never confuse two builds.
+        """
+        return stable_hash([(s.name, sha256_file(s.parquet)) for s in self.shards])
 
     def summary(self) -> dict[str, Any]:
         skipped: dict[str, int] = {}
@@ -197,44 +200,26 @@ class Pool:
 
 def iter_shard(shard: Shard) -> Iterator[Sample]:
     """Read one shard's tar, grouped by key; the tar must hold exactly the parquet's rows, in the same order."""
+    from datafilter.pool.tario import TarError, tar_samples
+
     rows = pq.read_table(shard.parquet).to_pylist()
-    tar_samples = 0
+    tar_count = 0
     try:
-        with tarfile.open(shard.tar, "r") as tf:
-            for key, files in _group_members(tf):
-                tar_samples += 1
-                if tar_samples > len(rows):
-                    continue  # counted, reported below
-                row = rows[tar_samples - 1]
-                if row["key"] != key:
-                    raise PoolError(f"{shard.tar}: sample {tar_samples - 1} is {key!r} but {shard.parquet.name} "
-                                    f"has {row['key']!r} there; the tar and its parquet disagree")
-                ext = next((e for e in IMAGE_EXTS if e in files), None)
-                if ext is None:
-                    raise PoolError(f"{shard.tar}: sample {key} has no image")
-                meta = json.loads(files["json"]) if "json" in files else {}
-                text = files["txt"].decode("utf-8") if "txt" in files else row.get("text", "")
-                yield Sample(row["uid"], key, text, files[ext], ext, meta)
-    except (tarfile.TarError, EOFError) as exc:
-        raise PoolError(f"{shard.tar}: unreadable tar ({exc})") from None
-    if tar_samples != len(rows):
-        raise PoolError(f"{shard.tar}: {tar_samples} samples in the tar but {len(rows)} rows in {shard.parquet.name}")
-
-
-def _group_members(tf: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) for consecutive tar members that share a key (WebDataset grouping)."""
-    key, files = None, {}
-    for m in tf:
-        if not m.isfile():
-            continue
-        base = m.name.rsplit("/", 1)[-1]
-        k, _, ext = base.partition(".")
-        if k != key and key is not None:
-            yield key, files
-            files = {}
-        key = k
-        f = tf.extractfile(m)
-        files[ext.lower()] = f.read() if f else b""
-    if key is not None:
-        yield key, files
-
+        for key, files in tar_samples(shard.tar):
+            tar_count += 1
+            if tar_count > len(rows):
+                continue  # counted, reported below
+            row = rows[tar_count - 1]
+            if row["key"] != key:
+                raise PoolError(f"{shard.tar}: sample {tar_count - 1} is {key!r} but {shard.parquet.name} "
+                                f"has {row['key']!r} there; the tar and its parquet disagree")
+            ext = next((e for e in IMAGE_EXTS if e in files), None)
+            if ext is None:
+                raise PoolError(f"{shard.tar}: sample {key} has no image")
+            meta = json.loads(files["json"]) if "json" in files else {}
+            text = files["txt"].decode("utf-8") if "txt" in files else row.get("text", "")
+            yield Sample(row["uid"], key, text, files[ext], ext, meta)
+    except TarError as exc:
+        raise PoolError(str(exc)) from None
+    if tar_count != len(rows):
+        raise PoolError(f"{shard.tar}: {tar_count} samples in the tar but {len(rows)} rows in {shard.parquet.name}")

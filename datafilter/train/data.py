@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from datafilter.common.executor import ShardJob, run_shard_jobs
-from datafilter.common.files import atomic_path, sha256_file, stable_hash
+from datafilter.common.files import atomic_path
 from datafilter.common.launch import LaunchEnv
 from datafilter.pool.format import IMAGE_EXTS
 from datafilter.pool.images import SkipSample, open_image, to_rgb
@@ -114,9 +114,8 @@ def decoded_pool(pool: Pool, size: int, workers: int = 1, env: LaunchEnv | None 
 
     Under several ranks each decodes its share of the shards; ``sync`` (a barrier) then waits for all of them.
     """
-    # Keyed by the shards' parquet files too: a pool rebuilt in place with other images must not reuse old pixels.
-    content = stable_hash([pool.pool_id] + [sha256_file(s.parquet) for s in pool.shards])
-    cache = cache_root() / "decoded" / f"{content}-{size}px-v{DECODE_VERSION}"
+    # The pool id hashes the parquets (uids and image sha256s): a pool rebuilt with other images gets other pixels.
+    cache = cache_root() / "decoded" / f"{pool.pool_id}-{size}px-v{DECODE_VERSION}"
     cache.mkdir(parents=True, exist_ok=True)
     jobs = [ShardJob(s.name, cache / f"{s.name}.npz", (s, size)) for s in pool.shards]
     run_shard_jobs(jobs, _decode_shard, workers=workers, desc="decode pool", env=env)

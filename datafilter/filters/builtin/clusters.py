@@ -148,21 +148,23 @@ class SemDeDupConfig:
     seed: int = 0
 
 
-def dedup_cluster(x: np.ndarray, threshold: float) -> np.ndarray:
+def dedup_cluster(x: np.ndarray, threshold: float, block: int = 1024) -> np.ndarray:
     """Keep mask for members ``x`` (float32, already in walk order): greedy against kept members only.
 
-    Members with no earlier member above the threshold are kept without the loop; the loop only resolves members
-    that have such a neighbour, which are few.
+    Similarities are computed a block of rows at a time against the rows before them (memory: ``block`` x n, not
+    n x n). Members with no earlier member above the threshold are kept without the loop; the loop only resolves
+    members that have such a neighbour, which are few.
     """
     n = len(x)
     keep = np.ones(n, bool)
-    if n < 2:
-        return keep
-    sim = x @ x.T
-    earlier = np.tril(sim, -1) > threshold  # earlier[i, j]: j < i and too similar
-    for i in np.flatnonzero(earlier.any(1)):
-        if (earlier[i] & keep).any():
-            keep[i] = False
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        sim = x[s:e] @ x[:e].T  # rows s..e-1 against rows 0..e-1
+        close = sim > threshold
+        close &= np.arange(e)[None, :] < np.arange(s, e)[:, None]  # earlier members only
+        for r in np.flatnonzero(close.any(1)):
+            if (close[r] & keep[:e]).any():  # keep[:i] is final when member i is decided
+                keep[s + r] = False
     return keep
 
 

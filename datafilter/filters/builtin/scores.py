@@ -8,8 +8,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from datafilter.common.launch import free_cores
 from datafilter.filters.base import Filter
+from datafilter.common.launch import free_cores
 from datafilter.filters.ops import float32_rows, top_fraction_mask
 from datafilter.filters.view import FilterView
 
