@@ -24,6 +24,8 @@ def register(commands) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the config's)")
     p.add_argument("--samples-seen", type=int, help="override the scale's training budget")
     p.add_argument("--workers", type=int, default=0, help="processes for building and decoding (default: free cores)")
+    p.add_argument("--threads", type=int, help="torch threads for training (default: the free cores; 1 is often "
+                                            "much faster on a machine shared with other busy processes)")
     p.add_argument("--stop-after", choices=("pool", "suite", "scorer", "embed", "filter", "train"),
                    help="stop after this stage")
     p.set_defaults(func=_bench)
@@ -35,7 +37,8 @@ def _bench(args: argparse.Namespace) -> int:
     from datafilter.common.launch import free_cores
 
     cfg = load_bench_config(args.config, seeds=args.seeds, samples_seen=args.samples_seen)
-    summary = run_bench(cfg, args.work, workers=args.workers or free_cores(), stop_after=args.stop_after)
+    summary = run_bench(cfg, args.work, workers=args.workers or free_cores(), threads=args.threads,
+                        stop_after=args.stop_after)
     tables = summary.get("tables")
     if tables:
         print()

@@ -87,7 +87,7 @@ def paths_for(cfg: BenchConfig, work: Path) -> BenchPaths:
     return BenchPaths(work, pool, suite, work / "bench" / cfg.name)
 
 
-def _scorer_spec(cfg: BenchConfig, work: Path, suite: Path, workers: int):
+def _scorer_spec(cfg: BenchConfig, work: Path, suite: Path, workers: int, threads: int | None):
     from datafilter.models import ModelSpec
 
     if cfg.embed_model:
@@ -95,7 +95,7 @@ def _scorer_spec(cfg: BenchConfig, work: Path, suite: Path, workers: int):
     from datafilter.train.scorer import scorer_config, train_scorer
 
     clean = _built_pool(cfg.scorer_recipe, work, workers)
-    info = train_scorer(clean, suite, scorer_config(samples_seen=cfg.scorer_samples_seen))
+    info = train_scorer(clean, suite, scorer_config(samples_seen=cfg.scorer_samples_seen), threads=threads)
     return ModelSpec(info["model"], checkpoint=str(Path(info["path"]) / info["checkpoint"]))
 
 
@@ -113,9 +113,13 @@ def _filter(entry: FilterEntry, pool: Path, space: str, out: Path) -> dict[str, 
     return load_subset(out)[1]
 
 
-def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2,
+def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, threads: int | None = None,
               stop_after: str | None = None) -> dict[str, Any]:
-    """Run (or resume) every stage of ``cfg``; return a summary with the paths of what it wrote."""
+    """Run (or resume) every stage of ``cfg``; return a summary with the paths of what it wrote.
+
+    ``workers``: processes for building and decoding; ``threads``: torch threads for training (default: the free
+    cores; on a machine shared with other busy processes, 1 is often much faster).
+    """
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}")
     from datafilter.micro import sources
@@ -146,7 +150,7 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2,
         return summary
 
     _stage("scorer")
-    spec = _scorer_spec(cfg, work, suite_dir, workers)
+    spec = _scorer_spec(cfg, work, suite_dir, workers, threads)
     summary["scorer"] = {"model": spec.name, "checkpoint": spec.checkpoint, "pretrained": spec.pretrained}
     if done("scorer"):
         return summary
@@ -194,7 +198,7 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2,
             run_dir = paths.run(entry, seed)
             train_cfg = scale_config(cfg.scale, seed=seed, samples_seen=cfg.samples_seen)
             log.info("training on %s (seed %d) -> %s", entry.label, seed, run_dir)
-            result = train(pool_dir, run_dir, train_cfg, subset=subsets[entry.label]["path"])
+            result = train(pool_dir, run_dir, train_cfg, subset=subsets[entry.label]["path"], threads=threads)
             if done("train"):
                 continue
             eval_path = run_dir / "eval.json"

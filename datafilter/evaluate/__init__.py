@@ -1,8 +1,20 @@
-"""Zero-shot evaluation on a suite of tasks in CLIP_benchmark's layout, grouped as DataComp reports them."""
+"""Zero-shot evaluation on a suite of tasks in CLIP_benchmark's layout, grouped as DataComp reports them.
 
-from datafilter.evaluate.metrics import class_embeddings, classification_metrics, retrieval_metrics
-from datafilter.evaluate.suite import GROUPS, Suite, SuiteError, Task, load_suite
-from datafilter.evaluate.zeroshot import evaluate_suite, evaluate_task, format_results, group_averages
+Names are loaded on first use (PEP 562), so that registering the command line's commands does not import torch.
+"""
 
-__all__ = ["GROUPS", "Suite", "SuiteError", "Task", "class_embeddings", "classification_metrics", "evaluate_suite",
-           "evaluate_task", "format_results", "group_averages", "load_suite", "retrieval_metrics"]
+import importlib
+
+_EXPORTS = {
+    "class_embeddings": "metrics", "classification_metrics": "metrics", "retrieval_metrics": "metrics",
+    "GROUPS": "suite", "Suite": "suite", "SuiteError": "suite", "Task": "suite", "load_suite": "suite",
+    "evaluate_suite": "zeroshot", "evaluate_task": "zeroshot", "format_results": "zeroshot",
+    "group_averages": "zeroshot",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
