@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "embed it, filter it, train a fixed-budget CLIP on the subset and evaluate it zero-shot.",
     )
     parser.add_argument("--version", action="version", version=f"datafilter {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-v: debug messages, -vv: also those of the libraries used)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands = Commands(sub)

@@ -295,7 +295,7 @@ def test_negclip_one_batch_matches_the_formula():
 def test_normsim_matches_the_formula(p):
     view, arr = array_view(80, seed=11, references={"target": unit(np.random.default_rng(0).normal(size=(5, 8)))})
     res = run("normsim", view, reference="target", p=p, fraction=0.25)
-    sim = arr["image"] @ view.reference("target").astype(np.float32).T
+    sim = np.abs(arr["image"] @ view.reference("target").astype(np.float32).T)  # the paper's |<x, t>|
     score = sim.max(1) if p == "inf" else np.sqrt((sim ** 2).sum(1))
     assert np.array_equal(res.uids, sort_uids(arr["uids"][top_fraction_mask(score, 0.25)]))
 
@@ -505,3 +505,13 @@ def test_view_from_datacomp_metadata_runs_the_same_filters(tmp_path):
     s[5] = np.nan
     assert np.array_equal(res.uids, sort_uids(arr["uids"][top_fraction_mask(s, 0.5)]))
     assert res.counts["no_embedding"] == 1
+
+
+def test_d2_reverse_pass_ignores_missing_neighbours():
+    from datafilter.filters.builtin.d2 import reverse_pass
+
+    # Row 1 has one real neighbour (row 0) and one missing (-1). Picking row 1 must lower row 0 (2 - 1*2 < 0.5), and
+    # the missing slot must not write row 0's old score back.
+    nbrs = np.array([[-1, -1], [0, -1], [-1, -1]])
+    picked = reverse_pass(np.array([1.0, 2.0, 0.5]), nbrs, np.zeros((3, 2)), beta=1.0, budget=2)
+    assert picked.tolist() == [1, 2]

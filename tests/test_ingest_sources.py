@@ -347,3 +347,10 @@ def test_a_producer_uid_repeated_across_shards_is_reported(tmp_path: Path, caplo
     with caplog.at_level("WARNING"):
         out = ingest(src, tmp_path / "pool", config("shards"))
     assert Pool(out).num_samples == 2 and "1 sample(s) repeat the uid" in caplog.text
+
+
+def test_csv_paths_that_look_like_numbers_stay_paths(tmp_path: Path):
+    write(tmp_path / "0001", image_bytes(seed=1))  # a file name without an extension, all digits
+    write(tmp_path / "pairs.csv", "image,caption\n0001,a small photo\n")
+    out = ingest(tmp_path / "pairs.csv", tmp_path / "pool", config("table"))
+    assert list(Pool(out).column("text")) == ["a small photo"]

@@ -25,7 +25,13 @@ def test_hex_roundtrip_and_sorting_matches_python_order():
     assert np.searchsorted(s, s[57]) == 57
 
 
-@pytest.mark.parametrize("bad", ["abc", "g" * 32, 12])
+@pytest.mark.parametrize("bad", ["abc", "g" * 32, 12, "+" + "1" * 31, "0x" + "1" * 30, " " + "1" * 31, "1" * 33])
 def test_bad_uid_strings_are_rejected(bad):
     with pytest.raises(ValueError):
         hex_to_uids([bad])
+
+
+def test_a_bad_uid_anywhere_in_a_long_list_is_caught():
+    good = [make_uid(str(i)) for i in range(1500)]
+    with pytest.raises(ValueError, match="32 hex"):
+        hex_to_uids(good + ["1" * 31])

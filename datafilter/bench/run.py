@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from datafilter.bench.config import BenchConfig, FilterEntry
-from datafilter.common.files import read_json, stable_hash, write_json
+from datafilter.common.files import read_json, sha256_file, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,10 @@ class BenchPaths:
     def subset(self, entry: FilterEntry) -> Path:
         return self.bench / "subsets" / f"{entry.slug}.npy"
 
-    def run(self, entry: FilterEntry, seed: int) -> Path:
-        return self.bench / "runs" / f"{entry.slug}-seed{seed}"
+    def run(self, entry: FilterEntry, seed: int, key: str) -> Path:
+        """A training run's folder; ``key`` hashes what decides its result, so a changed subset or recipe gets a
+        new folder instead of colliding with a finished run."""
+        return self.bench / "runs" / f"{entry.slug}-seed{seed}-{key}"
 
 
 def _stage(name: str) -> None:
@@ -99,15 +101,21 @@ def _scorer_spec(cfg: BenchConfig, work: Path, suite: Path, workers: int, thread
     return ModelSpec(info["model"], checkpoint=str(Path(info["path"]) / info["checkpoint"]))
 
 
-def _filter(entry: FilterEntry, pool: Path, space: str, out: Path) -> dict[str, Any]:
-    """Run one filter unless this config already made its subset (same filter, parameters and embeddings)."""
+def _filter(entry: FilterEntry, pool: Path, suite: Path, space: str, out: Path) -> dict[str, Any]:
+    """Run one filter unless this config already made its subset (same filter version, parameters, embeddings and
+    reference sets, which come from the suite)."""
     from datafilter.filters.harness import filter_pool
     from datafilter.filters.subset import load_subset
 
-    request = {"filter": entry.name, "params": entry.params, "space": space, "pool": str(pool)}
+    from datafilter.filters.registry import filter_class
+
+    cls, _ = filter_class(entry.name)
+    request = {"filter": entry.name, "version": cls.version, "params": entry.params, "space": space,
+               "pool": str(pool), "suite": str(suite)}
     request_path = out.with_suffix(".request.json")
     if out.exists() and request_path.exists() and read_json(request_path) == request:
         return load_subset(out)[1]
+    request_path.unlink(missing_ok=True)  # a kill while the subset is replaced must not leave the old request
     filter_pool(entry.name, pool, out, params=entry.params, space=space)
     write_json(request_path, request)
     return load_subset(out)[1]
@@ -136,7 +144,10 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
 
     if cfg.recipe or cfg.scorer_recipe:
         _stage("sources")
-        sources.install()
+        report = sources.install()
+        if report.failed_required:
+            raise RuntimeError("required sources are missing; `datafilter sources status` lists them and what "
+                               "they feed")
 
     _stage("pool")
     pool_dir = paths.pool if cfg.pool else _built_pool(cfg.recipe, work, workers)
@@ -174,7 +185,7 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
     subsets: dict[str, dict[str, Any]] = {}
     for entry in cfg.filters:
         out = paths.subset(entry)
-        meta = _filter(entry, pool_dir, space, out)
+        meta = _filter(entry, pool_dir, suite_dir, space, out)
         report, _ = subset_report(out, pool_dir=pool_dir, plot=False)
         subsets[entry.label] = {"path": str(out), "kept": int(meta["kept"]), "noise": report.get("noise")}
     write_json(paths.bench / "filters.json", subsets)
@@ -188,23 +199,26 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
     from datafilter.evaluate.suite import load_suite
     from datafilter.evaluate.zeroshot import evaluate_suite
     from datafilter.models import ModelSpec
+    from datafilter.pool import Pool
     from datafilter.train.config import scale_config
     from datafilter.train.loop import train
 
     suite = load_suite(suite_dir)
+    pool_id = Pool(pool_dir).pool_id
     rows = []
     for entry in cfg.filters:
+        subset = subsets[entry.label]["path"]
         for seed in cfg.seeds:
-            run_dir = paths.run(entry, seed)
             train_cfg = scale_config(cfg.scale, seed=seed, samples_seen=cfg.samples_seen)
+            run_dir = paths.run(entry, seed, stable_hash([sha256_file(subset), train_cfg.recipe(), pool_id], 8))
             log.info("training on %s (seed %d) -> %s", entry.label, seed, run_dir)
-            result = train(pool_dir, run_dir, train_cfg, subset=subsets[entry.label]["path"], threads=threads)
+            result = train(pool_dir, run_dir, train_cfg, subset=subset, threads=threads)
             if done("train"):
                 continue
             eval_path = run_dir / "eval.json"
-            if eval_path.exists():
-                results = read_json(eval_path)
-            else:
+            results = read_json(eval_path) if eval_path.exists() else None
+            if results is None or (results.get("checkpoint_id"), results["suite"].get("id")) != \
+                    (result.checkpoint_sha256, suite.suite_id):
                 trained = load_model(ModelSpec(train_cfg.model, checkpoint=str(result.checkpoint)),
                                      device=pick_device())
                 results = evaluate_suite(trained, suite, out=eval_path, checkpoint=result.checkpoint)

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +19,8 @@ from typing import Any, Iterator
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # Host and pid: ranks on different nodes of a shared file system never write the same temporary file.
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -41,17 +41,21 @@ def launch_env(env: dict | None = None) -> LaunchEnv:
             world_size=_int(env, "WORLD_SIZE", default=1),
             local_rank=_int(env, "LOCAL_RANK", default=0),
         )
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env and _int(env, "SLURM_NTASKS", default=1) == 1:
+        # A job array of one-task jobs: array tasks are the ranks (ids may start anywhere and step by more than 1).
+        lo = _int(env, "SLURM_ARRAY_TASK_MIN", default=0)
+        step = _int(env, "SLURM_ARRAY_TASK_STEP", default=1)
+        rank = (_int(env, "SLURM_ARRAY_TASK_ID", default=0) - lo) // step
+        world = _int(env, "SLURM_ARRAY_TASK_COUNT", default=1)
+        if not 0 <= rank < world:
+            raise ValueError(f"Slurm array task {env['SLURM_ARRAY_TASK_ID']} is outside its array "
+                             f"(min {lo}, step {step}, count {world})")
+        return LaunchEnv(rank=rank, world_size=world)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return LaunchEnv(
             rank=_int(env, "SLURM_PROCID", default=0),
             world_size=_int(env, "SLURM_NTASKS", default=1),
             local_rank=_int(env, "SLURM_LOCALID", default=0),
-        )
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        lo = _int(env, "SLURM_ARRAY_TASK_MIN", default=0)
-        return LaunchEnv(
-            rank=_int(env, "SLURM_ARRAY_TASK_ID", default=0) - lo,
-            world_size=_int(env, "SLURM_ARRAY_TASK_COUNT", default=1),
         )
     return LaunchEnv()
 

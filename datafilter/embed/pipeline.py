@@ -117,6 +117,9 @@ def space_info(model: LoadedModel) -> SpaceInfo:
 def resolve_spec(model: str | None, pretrained: str | None = None, checkpoint: str | None = None) -> ModelSpec:
     """The model the user asked for; with no name, the project's offline scorer."""
     if model:
+        if not (pretrained or checkpoint):
+            raise ValueError(f"--model {model} needs --pretrained TAG or --checkpoint PATH (random weights would "
+                             f"give meaningless CLIP scores)")
         return ModelSpec(model, pretrained=pretrained, checkpoint=checkpoint)
     if pretrained or checkpoint:
         raise ValueError("--pretrained and --checkpoint need --model (the open_clip architecture they belong to)")
@@ -209,7 +212,7 @@ def _in_thread(stream: Iterable[dict[str, Any]], depth: int, pin: bool) -> Itera
     def produce() -> None:
         try:
             for batch in stream:
-                if pin:
+                if pin and not batch.get("error"):
                     batch["images"], batch["payload"] = batch["images"].pin_memory(), batch["payload"].pin_memory()
                 if not put(batch):
                     return

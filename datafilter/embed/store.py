@@ -2,7 +2,7 @@
 
 Layout, for an embedding *space* (one model; e.g. ``scorer-micro-v1`` or ``ViT-B-32__openai``)::
 
-    POOL/embeddings/SPACE/space.json             model name, checkpoint hash, dim, score column, pool id
+    POOL/embeddings/SPACE/space.json             model name, checkpoint hash, dim, score column, pool path and id
     POOL/embeddings/SPACE/NNNNNNNN_img.npy       float16 [rows, dim], L2-normalised, row-aligned with NNNNNNNN.parquet
     POOL/embeddings/SPACE/NNNNNNNN_txt.npy       float16 [rows, dim], L2-normalised
     POOL/embeddings/SPACE/NNNNNNNN_scores.parquet  uid, valid (decoded and embedded), SCORE_COLUMN (cosine similarity)
@@ -75,9 +75,14 @@ class EmbeddingStore:
         return SpaceInfo(d["model"], d["checkpoint"], int(d["dim"]), d.get("score_column", "clip_score"))
 
     def init(self, info: SpaceInfo) -> None:
-        """Create the space, or check that an existing one was made by the same model and checkpoint."""
+        """Create the space, or check that an existing one was made by the same model and checkpoint, for this pool's
+        current content (a pool rebuilt in place must not reuse vectors of its old samples)."""
         path = self.dir / SPACE_FILE
         if path.exists():
+            stored_pool = read_json(path).get("pool_id")
+            if stored_pool not in (None, self.pool.pool_id):
+                raise EmbeddingError(f"{path} holds embeddings of another version of {self.pool.path} (pool id "
+                                     f"{stored_pool}, now {self.pool.pool_id}); delete {self.dir} and embed again")
             old = self.info
             if (old.model, old.checkpoint, old.dim) != (info.model, info.checkpoint, info.dim):
                 raise EmbeddingError(
@@ -86,7 +91,7 @@ class EmbeddingStore:
                     f"{info.dim}). Use another space name or delete {self.dir}.")
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(path, {**info.to_json(), "pool": str(self.pool.path)})
+        write_json(path, {**info.to_json(), "pool": str(self.pool.path), "pool_id": self.pool.pool_id})
 
     # --- per shard -------------------------------------------------------------------------------------------------
     def paths(self, shard: Shard) -> tuple[Path, Path, Path]:

@@ -15,20 +15,20 @@ import pyarrow.parquet as pq
 from datafilter.common.files import write_json
 from datafilter.filters.subset import load_subset
 from datafilter.filters.view import uids_from_arrow
+from datafilter.pool.format import GROUND_TRUTH
 
-GROUND_TRUTH = "ground_truth.parquet"
 CLEAN = "clean"
 
 
-def kept_mask(pool_uids: np.ndarray, subset: np.ndarray) -> np.ndarray:
-    """Bool per pool row: the row's uid is in the subset (repeats count once; uids outside the pool are ignored)."""
-    order = np.lexsort((pool_uids["f1"], pool_uids["f0"]))
-    sorted_pool = pool_uids[order]
-    pos = np.searchsorted(sorted_pool, subset)
-    pos_c = np.minimum(pos, len(sorted_pool) - 1)
-    hit = sorted_pool[pos_c] == subset
-    mask = np.zeros(len(pool_uids), bool)
-    mask[order[pos_c[hit]]] = True
+def kept_mask(pool, subset: np.ndarray, name: str | Path) -> np.ndarray:
+    """Bool per pool row: the row's uid is in the subset (repeats count once). A subset of another pool is an
+    error: its report would call every sample removed."""
+    rows = pool.rows_of(subset)
+    if (rows < 0).any():
+        raise ValueError(f"{name}: {int((rows < 0).sum())} uid(s) are not in {pool.path}; is it a subset of another "
+                         f"pool (or of an earlier build of this one)?")
+    mask = np.zeros(pool.num_samples, bool)
+    mask[rows] = True
     return mask
 
 
@@ -60,14 +60,13 @@ def subset_report(subset: str | Path, *, pool_dir: str | Path | None = None, com
     from datafilter.pool.pool import Pool
 
     pool = Pool(pool_dir)
-    pool_uids = uids_from_arrow(pool.metadata(["uid"]).column("uid"))
-    kept = kept_mask(pool_uids, uids)
+    kept = kept_mask(pool, uids, subset)
     report: dict[str, Any] = {"subset": str(subset), "filter": meta.get("filter"), "params": meta.get("params"),
-                              "pool": str(pool.path), "input": len(pool_uids), "kept": len(uids),
+                              "pool": str(pool.path), "input": pool.num_samples, "kept": len(uids),
                               "unique_kept": int(kept.sum()), "counts": meta.get("counts", {}), "overlap": {}}
     for other in compare:
         o_uids, _ = load_subset(other)
-        o = kept_mask(pool_uids, o_uids)
+        o = kept_mask(pool, o_uids, other)
         union = int((kept | o).sum())
         report["overlap"][str(other)] = {"jaccard": int((kept & o).sum()) / union if union else 1.0,
                                          "intersection": int((kept & o).sum()), "other_kept": int(o.sum())}

@@ -293,7 +293,8 @@ class FilterView:
     def text(self) -> tuple[str, ...]:
         """Captions as Python strings (the ``text`` column), in a tuple so that no filter can change them."""
         if "texts" not in self._cache:
-            self._cache["texts"] = tuple(self.metadata(["text"]).column("text").to_pylist())
+            self._cache["texts"] = tuple("" if t is None else t
+                                         for t in self.metadata(["text"]).column("text").to_pylist())
         return self._cache["texts"]
 
     # --- embeddings and scores -------------------------------------------------------------------------------------
@@ -329,8 +330,8 @@ class FilterView:
 
     def scores(self, column: str | None = None) -> np.ndarray:
         """``[n]`` float32 scores from ``column`` (default: the space's score column); NaN where not valid."""
-        column = column or self.score_column
         table = self._score_table()
+        column = column or self.score_column or (self.score_columns[0] if len(self.score_columns) == 1 else None)
         if column not in table:
             raise ValueError(f"no score column {column!r} (available: {', '.join(self.score_columns) or 'none'})")
         key = f"score:{column}"

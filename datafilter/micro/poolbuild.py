@@ -18,16 +18,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datafilter.common.executor import ShardJob, run_shard_jobs
-from datafilter.common.files import atomic_path, write_json
+from datafilter.common.files import atomic_path, read_json, write_json
 from datafilter.micro import captions as cap
 from datafilter.micro.catalog import LOCALES, locale_labels
 from datafilter.micro.compose import COLOURS, Composer, png_bytes
-from datafilter.micro.recipe import NOISE_KINDS, Recipe
+from datafilter.micro.recipe import NOISE_KINDS, Recipe, RecipeError
 from datafilter.micro.world import World, emoji_collection
+from datafilter.pool.format import GROUND_TRUTH
 
 log = logging.getLogger(__name__)
 
-GROUND_TRUTH = "ground_truth.parquet"
 
 
 @dataclass(frozen=True)
@@ -127,10 +127,11 @@ class Planner:
 
     def mismatched(self, clean: list[Planned], n: int) -> list[Planned]:
         out = []
+        several = len({x.concept for x in clean}) > 1  # else no caption of another concept exists
         for i in range(n):
             a = clean[int(self.rng.integers(len(clean)))]
             b = clean[int(self.rng.integers(len(clean)))]
-            while b.concept == a.concept and len(clean) > 1:
+            while b.concept == a.concept and several:
                 b = clean[int(self.rng.integers(len(clean)))]
             out.append(Planned(self._reseed(a.spec), b.caption, a.source, "mismatched_caption", a.part, a.concept,
                                a.style))
@@ -251,6 +252,11 @@ def build_pool(recipe: Recipe, out: Path, workers: int = 2) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    request, request_path = {"recipe": recipe.to_dict(), "seed": recipe.seed}, out / "build_request.json"
+    if request_path.exists() and read_json(request_path) != request:
+        raise RecipeError(f"{out} holds (part of) a build of another recipe or seed ({request_path}); choose another "
+                          f"--out or delete it")
+    write_json(request_path, request)
     world = World(recipe, workers=workers)
     log.info("planning %s (seed %d): %d samples", recipe.name, recipe.seed, recipe.pool.size)
     plan = Planner(world).plan()
@@ -269,6 +275,10 @@ def build_pool(recipe: Recipe, out: Path, workers: int = 2) -> dict:
                    "seed": recipe.seed, "renders": {c: str(rs.directory) for c, rs in renders.items()}}
         jobs.append(ShardJob(f"{si:08d}", out / f"{si:08d}_stats.json", payload))
     run_shard_jobs(jobs, _write_shard, workers=workers, desc=f"pool {recipe.name}")
+    if not all(j.done for j in jobs):  # other launch ranks are still writing their shards
+        log.warning("%s: this rank's shards are done, others are not; once every rank has finished, run the same "
+                    "build again (one process) to write the ground truth and build.json", out)
+        return {}
 
     from datafilter.pool import Pool
 
@@ -297,10 +307,3 @@ def build_pool(recipe: Recipe, out: Path, workers: int = 2) -> dict:
     }
     write_json(out / "build.json", summary)
     return summary
-
-
-def read_ground_truth(pool_dir: str | Path) -> pa.Table:
-    path = Path(pool_dir) / GROUND_TRUTH
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no ground truth (only pools built by 'datafilter pool build' have one)")
-    return pq.read_table(path)

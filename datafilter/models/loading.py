@@ -93,15 +93,26 @@ def create_model(name: str, seed: int = 0, pretrained: str | None = None, device
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}{hint}")
     torch.manual_seed(seed)
-    model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    # OpenAI's weights were trained with QuickGELU, which open_clip's plain ViT-B-32 / ViT-L-14 configs do not use;
+    # without this, "ViT-B-32 + openai" would silently be a different network from the one DataComp scored with.
+    quick_gelu = bool(pretrained and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"))
+    model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
+                                                                     force_quick_gelu=quick_gelu)
     return model, train_tf, eval_tf, open_clip.get_tokenizer(name)
 
 
 def _model_dims(model: torch.nn.Module) -> tuple[int, int]:
+    """(embedding width, input image size) of an open_clip model."""
     visual = model.visual
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
-    return int(model.text_projection.shape[1] if hasattr(model, "text_projection") and model.text_projection is not None
-               else visual.output_dim), int(size)
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, torch.nn.Linear):
+        dim = proj.out_features
+    elif proj is not None:
+        dim = proj.shape[1]
+    else:
+        dim = visual.output_dim
+    return int(dim), int(size)
 
 
 def save_checkpoint(model: torch.nn.Module, name: str, path: str | Path, meta: dict[str, Any] | None = None) -> Path:

@@ -27,6 +27,9 @@ from datafilter.pool.images import ImageConfig, SkipSample, process_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 STATS_SUFFIX = "_stats.json"
+# What a synthetic pool's builder knows and no filter may read (which samples are noise, of what kind): beside the
+# shards, read only by the filter report.
+GROUND_TRUTH = "ground_truth.parquet"
 FORMAT_VERSION = 1
 
 # Columns every pool parquet has, in this order; source-specific columns follow.
@@ -141,6 +144,8 @@ class ShardWriter:
         self.seen += 1
         key = key or f"{self.name}{len(self._rows):0{self.key_digits}d}"
         source = dict(source or {})
+        # An indexed shard keeps its producer's hash of the original download (DataComp joins and dedups on it).
+        sha256 = (not self.reprocess and source.get("sha256")) or hashlib.sha256(image).hexdigest()
         for name in CORE_COLUMNS:
             source.pop(name, None)
         row = {
@@ -151,7 +156,7 @@ class ShardWriter:
             "original_height": oh,
             "width": w,
             "height": h,
-            "sha256": hashlib.sha256(image).hexdigest(),
+            "sha256": sha256,
             **source,
         }
         if self.keep_tar is None:

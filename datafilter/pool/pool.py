@@ -13,11 +13,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datafilter.common.files import read_json, sha256_file, stable_hash
+from datafilter.common.files import read_json, stable_hash
 from datafilter.pool.format import IMAGE_EXTS, shard_paths
 from datafilter.pool.uid import hex_to_uids
 
 log = logging.getLogger(__name__)
+
+
+# The parquet columns that identify a pool's content (see ``Pool.pool_id``).
+CONTENT_COLUMNS = ("uid", "key", "text", "sha256", "width", "height")
 
 
 class PoolError(RuntimeError):
@@ -140,6 +144,8 @@ class Pool:
     def rows_of(self, uids: np.ndarray) -> np.ndarray:
         """Pool row of each uid (``u8,u8`` array); -1 where the uid is not in the pool."""
         sorted_uids, order = self._uid_index
+        if len(sorted_uids) == 0:
+            return np.full(len(uids), -1, np.int64)
         pos = np.searchsorted(sorted_uids, uids)
         pos_c = np.minimum(pos, len(sorted_uids) - 1)
         found = (len(sorted_uids) > 0) & (sorted_uids[pos_c] == uids)
@@ -165,12 +171,30 @@ class Pool:
     # --- summary ---------------------------------------------------------------------------------------------------
     @cached_property
     def pool_id(self) -> str:
-        """A short content id: the hash of each shard's name and parquet bytes.
+        """A short content id: per shard, its name, its tar's size and a hash of the parquet's uids, keys, captions,
+        image sha256s and sizes.
 
-        The parquet holds every uid, caption and image sha256, so two pools share an id exactly when they hold the
-        same samples; caches keyed by it (scorers, decoded images, training runs) never confuse two builds.
+        Two pools share an id exactly when they hold the same samples stored the same way (a re-encode changes the
+        tar's size), whatever parquet writer produced the files; caches keyed by it (scorers, decoded images,
+        training runs) never confuse two builds.
         """
-        return stable_hash([(s.name, sha256_file(s.parquet)) for s in self.shards])
+        import hashlib
+
+        parts = []
+        for s in self.shards:
+            h = hashlib.sha256()
+            table = pq.read_table(s.parquet, columns=[c for c in CONTENT_COLUMNS if c in self._schema_names(s)])
+            for name in table.column_names:
+                h.update(name.encode())
+                for buf in table.column(name).combine_chunks().buffers():
+                    if buf is not None:
+                        h.update(buf)
+            parts.append((s.name, s.tar.stat().st_size, h.hexdigest()))
+        return stable_hash(parts)
+
+    @staticmethod
+    def _schema_names(shard: Shard) -> set[str]:
+        return set(pq.read_schema(shard.parquet).names)
 
     def summary(self) -> dict[str, Any]:
         skipped: dict[str, int] = {}
@@ -215,7 +239,7 @@ def iter_shard(shard: Shard) -> Iterator[Sample]:
                                 f"has {row['key']!r} there; the tar and its parquet disagree")
             ext = next((e for e in IMAGE_EXTS if e in files), None)
             if ext is None:
-                raise PoolError(f"{shard.tar}: sample {key} has no image")
+                raise PoolError(f"{shard.tar}: sample {key} has no image ({', '.join(IMAGE_EXTS)})")
             meta = json.loads(files["json"]) if "json" in files else {}
             text = files["txt"].decode("utf-8") if "txt" in files else row.get("text", "")
             yield Sample(row["uid"], key, text, files[ext], ext, meta)

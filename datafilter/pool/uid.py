@@ -27,20 +27,23 @@ def make_uid(*parts: str | bytes) -> str:
     return h.hexdigest()
 
 
+_NOT_HEX = str.maketrans("", "", "0123456789abcdefABCDEF")
+
+
 def hex_to_uids(hexes: Iterable[str]) -> np.ndarray:
-    """Convert 32-hex-character uids to a ``u8,u8`` array (same order)."""
+    """Convert 32-hex-character uids to a ``u8,u8`` array (same order); anything else is a ``ValueError``."""
     hexes = list(hexes)
     out = np.empty(len(hexes), dtype=UID_DTYPE)
     if not hexes:
         return out
-    bad = [h for h in hexes[:1000] if not isinstance(h, str) or len(h) != 32]
-    if bad:
-        raise ValueError(f"uids must be 32 hex characters, got {bad[0]!r}")
-    try:
-        out["f0"] = [int(h[:16], 16) for h in hexes]
-        out["f1"] = [int(h[16:], 16) for h in hexes]
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"uids must be 32 hex characters: {exc}") from None
+    bad = next((h for h in hexes if not isinstance(h, str) or len(h) != 32), None)
+    joined = "".join(hexes) if bad is None else ""
+    if bad is None and joined.translate(_NOT_HEX):
+        bad = next(h for h in hexes if h.translate(_NOT_HEX))
+    if bad is not None:
+        raise ValueError(f"uids must be 32 hex characters, got {bad!r}")
+    words = np.frombuffer(bytes.fromhex(joined), dtype=">u8").reshape(-1, 2)
+    out["f0"], out["f1"] = words[:, 0], words[:, 1]
     return out
 
 

@@ -100,6 +100,9 @@ def _decode_shard(job: ShardJob) -> None:
             valid[row] = True
         except SkipSample as exc:
             skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
+        except Exception as exc:  # web images break decoders in ways no list covers; embed skips them too
+            reason = f"decode_error:{type(exc).__name__}"
+            skipped[reason] = skipped.get(reason, 0) + 1
     if skipped:
         log.warning("%s: %d images not decodable, left out of training: %s", shard.tar, sum(skipped.values()),
                     ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
@@ -187,7 +190,7 @@ class StreamedImages:
             try:
                 out[i] = decode_image(self._reader(int(si)).read(int(row - self.pool.offsets[si])), self.size)
                 ok[i] = True
-            except SkipSample:
+            except Exception:  # SkipSample or a decoder's own error: the batch replaces the row either way
                 pass
         return out, ok
 

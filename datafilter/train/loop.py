@@ -145,8 +145,10 @@ def train(pool_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, subset: s
                                    f"choose another output directory")
         log.info("%s: already trained (%s)", out, done)
         return TrainResult.from_summary(out, summary)
-    if cfg.batch_size % env.world_size:
-        raise ValueError(f"batch size {cfg.batch_size} does not split evenly across {env.world_size} ranks")
+    for size in {cfg.batch_size, cfg.batch_size_at(cfg.steps - 1)}:  # the last batch may be smaller
+        if size % env.world_size:
+            raise ValueError(f"a batch of {size} does not split evenly across {env.world_size} ranks (batch size "
+                             f"{cfg.batch_size}, {cfg.samples_seen} samples seen); choose values that do")
 
     dev = _pick_train_device(env, device)
     if dev.type == "cuda":
@@ -224,8 +226,8 @@ def _train(pool: Pool, out: Path, cfg: TrainConfig, subset: str | Path | None, i
         if scaler is not None and opt_state.get("scaler"):
             scaler.load_state_dict(opt_state["scaler"])
         log.info("resuming %s from step %d of %d", out, start, cfg.steps)
-        if dist.is_main:
-            _truncate_metrics(out / METRICS_FILE, start)
+    if dist.is_main:  # lines logged after the last checkpoint (or before the first) are logged again
+        _truncate_metrics(out / METRICS_FILE, start)
 
     train_model: torch.nn.Module = model
     if env.distributed:

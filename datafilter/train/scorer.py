@@ -78,11 +78,11 @@ def train_scorer(pool_dir: str | Path, suite_dir: str | Path | None = None, cfg:
         }
         write_json(info_path, info)
     if suite_dir is not None:
-        info = evaluate_scorer(folder, suite_dir)
+        info = evaluate_scorer(folder, suite_dir, device=device)
     return {**info, "path": str(folder)}
 
 
-def evaluate_scorer(folder: str | Path, suite_dir: str | Path) -> dict[str, Any]:
+def evaluate_scorer(folder: str | Path, suite_dir: str | Path, device: str = "auto") -> dict[str, Any]:
     """Evaluate a cached scorer zero-shot on a suite and store the results in its ``scorer.json``."""
     from datafilter.evaluate import evaluate_suite, load_suite
     from datafilter.models import load_model, pick_device
@@ -90,7 +90,7 @@ def evaluate_scorer(folder: str | Path, suite_dir: str | Path) -> dict[str, Any]
     folder = Path(folder)
     info = read_json(folder / SCORER_FILE)
     spec = ModelSpec(info["model"], checkpoint=str(folder / info["checkpoint"]))
-    model = load_model(spec, device=pick_device("auto"))
+    model = load_model(spec, device=pick_device(device))
     results = evaluate_suite(model, load_suite(suite_dir), out=folder / "zeroshot.json", checkpoint=spec.checkpoint)
     info["zeroshot"] = results
     write_json(folder / SCORER_FILE, info)

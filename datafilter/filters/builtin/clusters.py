@@ -64,11 +64,14 @@ def target_cluster_mask(flt: Filter, view: FilterView, cfg: ImageBasedConfig) ->
             ok = caption_filter_mask(view, cfg.language)
             flt.drop("caption_filter", int((keep & ~ok).sum()))
             keep &= ok
+    if not keep.any():
+        return keep
     img = view.image_embeddings()
     k = cfg.clusters or max(1, view.n // SAMPLES_PER_CLUSTER)
     pca = None
     with flt.phase("kmeans"):
-        train_rows = sample_rows(rows, cfg.kmeans_sample, cfg.seed)
+        # DataComp clusters the samples that passed the caption filter, not the whole pool.
+        train_rows = sample_rows(np.flatnonzero(keep), cfg.kmeans_sample, cfg.seed)
         if 0 < cfg.pca_dim < img.shape[1]:
             centroids, pca = pca_kmeans(img, train_rows, k, dim=cfg.pca_dim, niter=cfg.niter, seed=cfg.seed)
         else:
@@ -114,6 +117,10 @@ class ImageBasedClipConfig(ImageBasedConfig):
     fraction: Optional[float] = 0.3
     threshold: Optional[float] = None
     column: str = ""
+
+    def __post_init__(self):
+        if (self.fraction is None) == (self.threshold is None):
+            raise ValueError("set exactly one of fraction and threshold (use fraction=none with a threshold)")
 
 
 class ImageBasedClipFilter(Filter):

@@ -64,9 +64,10 @@ def reverse_pass(graph_scores: np.ndarray, nbrs: np.ndarray, dists: np.ndarray, 
         gi = g[i]
         if gi == 0.0:
             continue
-        js = nb[i]
+        real = nbrs[i] >= 0  # a missing neighbour (-1) must not write to row 0
+        js = nb[i][real]
         old = g[js]
-        g[js] = old - w[i] * gi
+        g[js] = old - w[i][real] * gi
         if gi < 0:  # a negative pick raises its neighbours: their heap entries must move up now
             for j in js[(g[js] > old) & ~taken[js]].tolist():
                 heapq.heappush(heap, (-g[j], j))

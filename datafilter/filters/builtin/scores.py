@@ -87,8 +87,9 @@ def negclip_scores(view: FilterView, rows: np.ndarray, cfg: NegClipConfig) -> np
     tau = cfg.temperature
     for _ in range(cfg.repeats):
         perm = rng.permutation(len(rows))
-        for start in range(0, len(perm), cfg.batch_size):
-            pos = np.sort(perm[start:start + cfg.batch_size])
+        # Near-equal batches: a short last batch would have fewer negatives and flatter scores.
+        for pos in np.array_split(perm, max(1, -(-len(perm) // cfg.batch_size))):
+            pos = np.sort(pos)
             r = rows[pos]
             a = torch.from_numpy(np.asarray(img[r], np.float32))
             b = torch.from_numpy(np.asarray(txt[r], np.float32))
@@ -133,12 +134,17 @@ class NormSimConfig:
     seed: int = 0
 
 
-def normsim_scores(view: FilterView, rows: np.ndarray, target: np.ndarray, p: str) -> np.ndarray:
-    t = np.ascontiguousarray(target, np.float32)
+def normsim_scores(view: FilterView, rows: np.ndarray, target: np.ndarray, p: str, target_chunk: int = 65536
+                   ) -> np.ndarray:
+    """NormSim_p: the p-norm of |<x, t>| over the target set (p = inf: the largest), the target read in chunks so
+    that memory stays bounded for targets as large as ImageNet's train set."""
     out = np.empty(len(rows), np.float64)
     for start, block in float32_rows(view.image_embeddings(), rows, 8192):
-        sim = block @ t.T
-        out[start:start + len(block)] = sim.max(1) if p == "inf" else np.sqrt((sim.astype(np.float64) ** 2).sum(1))
+        acc = np.zeros(len(block), np.float64)
+        for t0 in range(0, len(target), target_chunk):
+            sim = np.abs(block @ np.ascontiguousarray(target[t0:t0 + target_chunk], np.float32).T)
+            acc = np.maximum(acc, sim.max(1)) if p == "inf" else acc + (sim.astype(np.float64) ** 2).sum(1)
+        out[start:start + len(block)] = acc if p == "inf" else np.sqrt(acc)
     return out
 
 

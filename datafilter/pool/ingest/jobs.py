@@ -31,7 +31,7 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 def _remove_stale_temporaries(out_dir: Path, name: str) -> None:
-    """Temporary files a killed run left for this shard (atomic writes are named ``.NAME.ext.tmpPID``)."""
+    """Temporary files a killed run left for this shard (atomic writes are named ``.NAME.ext.tmp-HOST-PID``)."""
     for tmp in out_dir.glob(f".{name}[._]*.tmp*"):
         tmp.unlink(missing_ok=True)
 

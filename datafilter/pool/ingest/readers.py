@@ -95,11 +95,13 @@ def table_format(path: Path, override: str | None) -> str:
     raise IngestError(f"{path}: cannot tell the table format from the extension; pass --format csv|tsv|parquet|jsonl")
 
 
-def read_table_file(path: Path, fmt: str | None, text_col: str | None = None) -> pa.Table:
+def read_table_file(path: Path, fmt: str | None, text_col: str | None = None,
+                    string_cols: tuple[str, ...] = ()) -> pa.Table:
     """Load a CSV/TSV/Parquet/JSONL table whole (captions and paths are small next to the images they name).
 
     A CSV's ``text_col`` is read as bytes, so that one caption that is not UTF-8 is skipped as ``non_utf8_caption``
-    instead of making the whole table unreadable.
+    instead of making the whole table unreadable; ``string_cols`` (paths, urls, uids) stay text even when they look
+    like numbers ("0001.jpg" is fine, but "0001" would otherwise become 1).
     """
     fmt = table_format(path, fmt)
     if not path.is_file():
@@ -108,7 +110,9 @@ def read_table_file(path: Path, fmt: str | None, text_col: str | None = None) ->
         if fmt in ("csv", "tsv"):
             import pyarrow.csv as pcsv
 
-            types = {text_col: pa.binary()} if text_col else {}
+            types = {c: pa.string() for c in (*string_cols, "uid")}
+            if text_col:
+                types[text_col] = pa.binary()
             return pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
                                  convert_options=pcsv.ConvertOptions(strings_can_be_null=True, column_types=types))
         if fmt == "parquet":
@@ -139,7 +143,7 @@ def _source_fields(table: pa.Table, exclude: set[str]) -> list[dict[str, Any]]:
 
 def read_image_table(path: Path, cfg: IngestConfig) -> list[dict[str, Any]]:
     """Rows of a table naming local images (relative to the table's folder) and their captions."""
-    table = read_table_file(path, cfg.table_format, cfg.caption_col)
+    table = read_table_file(path, cfg.table_format, cfg.caption_col, string_cols=(cfg.image_col,))
     require_columns(table, path, {"--image-col": cfg.image_col, "--caption-col": cfg.caption_col})
     paths = table.column(cfg.image_col).to_pylist()
     captions = table.column(cfg.caption_col).to_pylist()
@@ -162,7 +166,7 @@ def read_image_table(path: Path, cfg: IngestConfig) -> list[dict[str, Any]]:
 
 def read_url_table(path: Path, cfg: IngestConfig) -> tuple[pa.Table, set[int]]:
     """A table of URLs and captions, and the rows that repeat an earlier (url, caption) pair (skipped later)."""
-    table = read_table_file(path, cfg.table_format)
+    table = read_table_file(path, cfg.table_format, string_cols=(cfg.url_col,))
     require_columns(table, path, {"--url-col": cfg.url_col, "--caption-col": cfg.caption_col})
     if table.num_rows == 0:
         raise IngestError(f"{path}: the table has no rows")

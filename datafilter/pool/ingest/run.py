@@ -239,8 +239,8 @@ def _ingest_urls(source: Path, out: Path, cfg: IngestConfig) -> None:
     jobs = _tar_jobs(shards_dir, out, cfg, frozenset(duplicates))
     run_shard_jobs(jobs, index_tar_shard, workers=cfg.workers, desc="index downloads")
     if all(j.done for j in jobs):
-        shutil.rmtree(staging)
-        state.complete()
+        state.complete()  # first: a kill before the clean-up must not cost a second download
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _download(input_path: Path, shards_dir: Path, cfg: IngestConfig, keep_columns: list[str]) -> None:
