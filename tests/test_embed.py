@@ -25,7 +25,7 @@ from datafilter.embed.reference import embed_reference_sets
 from datafilter.pool.tario import TarError, tar_members, tar_samples
 from datafilter.embed.store import EmbeddingError, EmbeddingStore
 from datafilter.models import CheckpointError, ModelSpec, create_model, load_model, save_checkpoint
-from datafilter.pool import Pool, PoolError, hex_to_uids
+from datafilter.pool import Pool, hex_to_uids
 from datafilter.pool.images import to_rgb
 
 torch.set_num_threads(1)

@@ -31,3 +31,13 @@ def test_an_array_task_outside_its_array_is_an_error():
     with pytest.raises(ValueError, match="outside its array"):
         launch_env({"SLURM_NTASKS": "1", "SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_MIN": "0",
                     "SLURM_ARRAY_TASK_COUNT": "4"})
+
+
+def test_training_never_joins_the_tasks_of_a_job_array():
+    from datafilter.common.launch import ddp_env
+
+    array = {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8"}
+    assert ddp_env(array) == LaunchEnv(0, 1, 0)
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        ddp_env({"SLURM_NTASKS": "4", "SLURM_PROCID": "1"})
+    assert ddp_env({"SLURM_NTASKS": "4", "SLURM_PROCID": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}).world_size == 4

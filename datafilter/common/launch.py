@@ -60,6 +60,24 @@ def launch_env(env: dict | None = None) -> LaunchEnv:
     return LaunchEnv()
 
 
+def ddp_env(env: dict | None = None) -> LaunchEnv:
+    """The process group of one distributed training run: torchrun's ranks, or the tasks of one Slurm step.
+
+    Unlike ``launch_env`` it never treats a job array as one world: array tasks are independent runs (a seed sweep),
+    each a world of its own. Slurm tasks need MASTER_ADDR and MASTER_PORT, which torch reads to meet.
+    """
+    env = dict(os.environ if env is None else env)
+    if "WORLD_SIZE" in env or "RANK" in env:
+        return launch_env(env)
+    if _int(env, "SLURM_NTASKS", default=1) > 1 and "SLURM_PROCID" in env:
+        if not env.get("MASTER_ADDR") or not env.get("MASTER_PORT"):
+            raise ValueError("distributed training under srun needs MASTER_ADDR and MASTER_PORT (e.g. the first host "
+                             "of SLURM_NODELIST and a free port), or launch with torchrun")
+        return LaunchEnv(rank=_int(env, "SLURM_PROCID", default=0), world_size=_int(env, "SLURM_NTASKS", default=1),
+                         local_rank=_int(env, "SLURM_LOCALID", default=0))
+    return LaunchEnv()
+
+
 def free_cores() -> int:
     """Cores this process may use: the affinity mask, not the machine's count (containers, taskset, Slurm)."""
     try:

@@ -127,11 +127,14 @@ class DataCompMetadata:
 
     def valid(self) -> np.ndarray:
         """Rows with usable embeddings: finite and non-zero image and text vectors."""
-        ok = np.ones(self.num_samples, bool)
-        for kind in ("img", "txt"):
-            arr = self._concat(kind).astype(np.float32)
-            ok &= np.isfinite(arr).all(axis=1) & (np.einsum("nd,nd->n", arr, arr) > 0)
-        return ok
+        parts = []
+        for i in range(len(self.parquets)):  # shard by shard: a whole pool in float32 would not fit in memory
+            ok = np.ones(self.rows[i], bool)
+            for kind in ("img", "txt"):
+                arr = self.shard_array(i, kind).astype(np.float32)
+                ok &= np.isfinite(arr).all(axis=1) & (np.einsum("nd,nd->n", arr, arr) > 0)
+            parts.append(ok)
+        return np.concatenate(parts) if parts else np.zeros(0, bool)
 
     def scores(self) -> np.ndarray:
         """The released CLIP score column of the chosen model (float32)."""

@@ -59,6 +59,11 @@ def _encode_images(model, images: list[bytes], batch_size: int, where: str) -> t
     return torch.cat(out) if out else torch.zeros((0, model.embed_dim))
 
 
+def _require_samples(task: Task, images: list[bytes]) -> None:
+    if not images:  # before any prompt is encoded: an empty task is a broken suite, not a zero score
+        raise SuiteError(f"task {task.name}: no samples in {task.split_dir}")
+
+
 def evaluate_task(model, task: Task, batch_size: int = 256) -> dict[str, Any]:
     """Metrics of one task for a ``datafilter.models.LoadedModel``-like model (encode_images, encode_texts)."""
     images: list[bytes] = []
@@ -73,7 +78,8 @@ def evaluate_task(model, task: Task, batch_size: int = 256) -> dict[str, Any]:
             except ValueError:
                 raise SuiteError(f"task {task.name}: sample {key} has label {files['cls'][:20]!r}, not an integer")
             images.append(image)
-        if labels and max(labels) >= len(classnames):
+        _require_samples(task, images)
+        if max(labels) >= len(classnames):
             raise SuiteError(f"task {task.name}: label {max(labels)} but classnames.txt has {len(classnames)} lines")
         prompts = [t.replace("{c}", c) for c in classnames for t in templates]
         text = _encode_texts(model, prompts, batch_size).view(len(classnames), len(templates), -1)
@@ -90,12 +96,11 @@ def evaluate_task(model, task: Task, batch_size: int = 256) -> dict[str, Any]:
             captions += lines
             text_image += [len(images)] * len(lines)
             images.append(image)
+        _require_samples(task, images)
         image_emb = _encode_images(model, images, batch_size, f"task {task.name}")
         text_emb = _encode_texts(model, captions, batch_size)
         metrics = retrieval_metrics(image_emb, text_emb, torch.tensor(text_image))
         extra = {"num_captions": len(captions), "chance": retrieval_chance(len(images), np.array(text_image))}
-    if not images:
-        raise SuiteError(f"task {task.name}: no samples in {task.split_dir}")
     return {"type": task.type, "group": task.group, "metric": task.metric, "main": metrics[task.metric],
             "metrics": metrics, "num_samples": len(images), **extra}
 

@@ -287,14 +287,12 @@ def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: 
         method = "flat" if m <= exact_max else "ivf"
     if method == "flat":
         full = src.get(slice(None))
-        sq = np.einsum("ij,ij->i", full, full)
-        index = faiss.IndexFlatIP(d)
+        index = faiss.IndexFlatL2(d)  # ranks by L2 itself: equal to inner product only for equal norms
         index.add(full)
         ids = np.empty((m, k), np.int64)
         dist = np.empty((m, k), np.float32)
         for s in range(0, m, chunk):
             dq, iq = index.search(full[s:s + chunk], k + 1)
-            dq = sq[s:s + chunk, None] + sq[np.maximum(iq, 0)] - 2 * dq  # inner product -> squared L2
             iq, dq = _drop_self(iq, dq, np.arange(s, s + len(iq)), k)
             ids[s:s + len(iq)] = iq
             dist[s:s + len(iq)] = np.where(iq < 0, np.inf, np.maximum(dq, 0))

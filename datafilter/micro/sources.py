@@ -149,6 +149,10 @@ def check(src: Source) -> SourceStatus:
             st.problem = f"Debian package not installed (as root: apt-get install -y {src.name})"
         elif not st.path:
             st.problem = f"installed, but its files were not found ({DEBIAN_FILES[src.name]})"
+        elif got != src.version:
+            # Usable, but pools built from it may differ from those built from the pinned version.
+            log.warning("%s %s is installed, %s is pinned: built pools may differ from the data card's", src.name,
+                        got, src.version)
         return st
     got = _pypi_installed(src.name)
     st = SourceStatus(src, got)
@@ -210,8 +214,9 @@ def install_npm() -> str:
     return ""
 
 
-def install_debian(names: list[str]) -> dict[str, str]:
-    """apt-get install each missing package; returns {name: problem} for those that could not be installed."""
+def install_debian(names: list[str], pins: dict[str, str] | None = None) -> dict[str, str]:
+    """apt-get install each missing package, at its pinned version when the archive has it (else the archive's,
+    with a warning from ``check``); returns {name: problem} for those that could not be installed."""
     missing = [n for n in names if _dpkg_installed(n) is None]
     if not missing:
         return {}
@@ -225,8 +230,12 @@ def install_debian(names: list[str]) -> dict[str, str]:
     for name in missing:  # one at a time, so one broken package does not block the others
         for attempt in range(2):
             log.info("apt-get: installing %s", name)
-            r = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", name],
-                               capture_output=True, text=True, env=env)
+            r = None
+            for spec in ([f"{name}={(pins or {})[name]}"] if (pins or {}).get(name) else []) + [name]:
+                r = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", spec],
+                                   capture_output=True, text=True, env=env)
+                if r.returncode == 0:
+                    break
             if r.returncode == 0:
                 problems.pop(name, None)
                 break
@@ -258,7 +267,8 @@ def install() -> InstallReport:
     if all(s.ok for s in before):
         return InstallReport(before)
     npm_problem = install_npm()
-    deb_problems = install_debian([s.source.name for s in before if s.source.kind == "debian" and not s.ok])
+    deb = [s.source for s in before if s.source.kind == "debian" and not s.ok]
+    deb_problems = install_debian([d.name for d in deb], pins={d.name: d.version for d in deb})
     after = status()
     for st in after:
         if st.ok:
@@ -289,13 +299,3 @@ def format_status(statuses: list[SourceStatus]) -> str:
         lines.append("")
         lines.append("all sources installed")
     return "\n".join(lines)
-
-
-def require(names: list[str]) -> dict[str, SourceStatus]:
-    """Statuses of the named sources; raises with every missing one and what it affects."""
-    sts = {n: check(source(n)) for n in names}
-    bad = [st for st in sts.values() if not st.ok]
-    if bad:
-        msg = "; ".join(f"{st.source.name}: {st.problem} (affects {', '.join(st.source.feeds)})" for st in bad)
-        raise RuntimeError(f"sources missing for this recipe: {msg}")
-    return sts

@@ -28,6 +28,7 @@ from datafilter.micro.overlap import OverlapIndex
 from datafilter.micro.recipe import Recipe
 from datafilter.micro.render import MissingRender
 from datafilter.micro.world import World, emoji_collection
+from datafilter.pool.format import tar_member
 
 log = logging.getLogger(__name__)
 
@@ -247,12 +248,6 @@ def _make(comp: Composer, specs: list[tuple]) -> tuple[list[np.ndarray], list[bo
     return imgs, ok
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "", ""
-    return info
-
-
 def write_task_dir(directory: Path, task: Task, images: list[np.ndarray], keep: list[bool]) -> int:
     """Write one split (``directory/{split}/``) plus class names and templates; returns samples written."""
     split = directory / "train" if task.split == "train" else directory / "test"
@@ -266,9 +261,9 @@ def write_task_dir(directory: Path, task: Task, images: list[np.ndarray], keep: 
             for j, (im, lab) in enumerate(rows[si * SAMPLES_PER_TAR:(si + 1) * SAMPLES_PER_TAR]):
                 key = f"s{si * SAMPLES_PER_TAR + j:07d}"
                 img = png_bytes(Image.fromarray(im))
-                tf.addfile(_tarinfo(f"{key}.png", len(img)), io.BytesIO(img))
+                tf.addfile(tar_member(f"{key}.png", len(img)), io.BytesIO(img))
                 text = ("\n".join(lab) if task.type == "retrieval" else str(lab)).encode("utf-8")
-                tf.addfile(_tarinfo(f"{key}.{'txt' if task.type == 'retrieval' else 'cls'}", len(text)),
+                tf.addfile(tar_member(f"{key}.{'txt' if task.type == 'retrieval' else 'cls'}", len(text)),
                            io.BytesIO(text))
     (tmp / "nshards.txt").write_text(f"{nshards}\n")
     shutil.rmtree(split, ignore_errors=True)

@@ -76,7 +76,7 @@ def check_caption(text: str | bytes | None, cfg: CaptionConfig = CaptionConfig()
     return text
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+def tar_member(name: str, size: int) -> tarfile.TarInfo:
     # Fixed metadata so that the same samples always give byte-identical shards.
     info = tarfile.TarInfo(name)
     info.size = size
@@ -162,7 +162,7 @@ class ShardWriter:
         if self.keep_tar is None:
             sample_json = json.dumps(row, ensure_ascii=False, sort_keys=False, default=str).encode()
             for suffix, payload in ((ext, data), ("txt", text.encode("utf-8")), ("json", sample_json)):
-                self._tf.addfile(_tarinfo(f"{key}.{suffix}", len(payload)), io.BytesIO(payload))
+                self._tf.addfile(tar_member(f"{key}.{suffix}", len(payload)), io.BytesIO(payload))
         self._rows.append(row)
         return uid
 
@@ -176,7 +176,7 @@ class ShardWriter:
         tar_path, parquet_path, stats_path = shard_paths(self.pool_dir, self.name)
         if self.keep_tar is None:
             with atomic_path(tar_path) as tmp:
-                tmp.write_bytes(self._tar.getvalue())
+                tmp.write_bytes(self._tar.getbuffer())  # no second copy of the shard
         elif Path(self.keep_tar).resolve() != tar_path.resolve():
             with atomic_path(tar_path) as tmp:
                 shutil.copyfile(self.keep_tar, tmp)

@@ -304,8 +304,8 @@ class StepBatches(torch.utils.data.Dataset):
         else:
             pixels, ok = self.images[rows], self.valid[rows]
         if not ok.all():
-            # Undecodable rows were dropped from ``rows`` up front for in-memory pools; streamed pools meet them here.
-            # Replace each by a decodable row of the same batch so the batch keeps its size.
+            # Replace each undecodable row by a decodable row of the same batch so the batch keeps its size (the same
+            # rule for in-memory and streamed images, so both give identical batches).
             good = np.flatnonzero(ok)
             if len(good) == 0:
                 raise PoolError(f"step {step}: no decodable image among {len(rows)} drawn samples")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from datafilter.common.files import atomic_path, read_json, sha256_file, write_json
-from datafilter.common.launch import LaunchEnv, free_cores, launch_env
+from datafilter.common.launch import LaunchEnv, ddp_env, free_cores
 from datafilter.pool.pool import Pool
 from datafilter.train.config import TrainConfig
 from datafilter.train.data import StepBatches, StreamedImages, decoded_pool, subset_rows
@@ -133,7 +133,7 @@ def train(pool_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, subset: s
     Resumes from ``out_dir``'s last checkpoint; returns at once when ``out_dir`` already holds the finished run.
     """
     out = Path(out_dir)
-    env = env or launch_env()
+    env = env or ddp_env()
     pool = Pool(pool_dir)
     identity = {"recipe": cfg.recipe(), "pool_id": pool.pool_id,
                 "subset_sha256": sha256_file(subset) if subset is not None else None}
@@ -192,12 +192,12 @@ def _train(pool: Pool, out: Path, cfg: TrainConfig, subset: str | Path | None, i
         workers = cfg.decode_workers or max(1, free_cores() // env.world_size)
         images, valid = decoded_pool(pool, size, workers=workers, env=env, sync=dist.barrier)
         keep = valid[rows]
-        if not keep.all():
-            log.warning("%d of %d training rows have undecodable images; they are left out", int((~keep).sum()),
-                        len(rows))
-            rows = rows[keep]
-        if len(rows) == 0:
+        if not keep.any():
             raise ValueError(f"no decodable image among the training rows of {pool.path}")
+        if not keep.all():
+            # Kept in ``rows`` so that draws match the streamed path exactly; each batch replaces them.
+            log.warning("%d of %d training rows have undecodable images; batches replace them", int((~keep).sum()),
+                        len(rows))
         source: np.ndarray | StreamedImages = images
     else:
         log.info("decoded pool would take %.1f GiB (> in_memory_max_bytes); streaming images from the tars",

@@ -189,8 +189,9 @@ class SemDeDupFilter(Filter):
         img = view.image_embeddings()
         k = c.clusters or max(1, len(rows) // 8800)
         with self.phase("kmeans"):
+            # Spherical k-means, as SemDeDup's code clusters by cosine distance.
             centroids = kmeans(gather_float32(img, sample_rows(rows, c.kmeans_sample, c.seed)), k, niter=c.niter,
-                               seed=c.seed)
+                               seed=c.seed, spherical=True)
         with self.phase("assign"):
             labels = nearest_centroid(img, rows, centroids, desc="assign")
         keep = np.zeros(view.n, bool)

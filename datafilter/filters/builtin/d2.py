@@ -96,6 +96,10 @@ class D2Config:
     nprobe: int = 4
     seed: int = 0
 
+    def __post_init__(self):
+        if not 0 <= self.fraction <= 1 or self.k < 1 or self.gamma < 0 or self.beta < 0:
+            raise ValueError("fraction must be in [0, 1], k >= 1, gamma and beta >= 0")
+
 
 class D2Filter(Filter):
     name = "d2_pruning"

@@ -145,7 +145,8 @@ def caption_matches(texts: Sequence[str], classnames: Sequence[str]) -> np.ndarr
 class TextBasedFilter(Filter):
     name = "text_based"
     version = "1"
-    description = "keep English captions that name a class of the target task (DataComp's text-based filter)"
+    description = ("keep English captions that name a class of the target task (after DataComp's text-based "
+                   "filter, which matches ImageNet-21k WordNet synsets)")
     Config = TextBasedConfig
     needs = ("metadata:text",)
 

@@ -37,6 +37,12 @@ class VAEConfig:
     seed: int = 0
     threads: int = 1
 
+    def __post_init__(self):
+        if not 0 <= self.drop_fraction <= 1:
+            raise ValueError("drop_fraction must be in [0, 1]")
+        if min(self.latent, self.hidden, self.epochs, self.batch_size, self.train_samples, self.eval_samples) < 1:
+            raise ValueError("latent, hidden, epochs, batch_size, train_samples and eval_samples must be positive")
+
 
 def _build(dim: int, cfg: VAEConfig):
     import torch
