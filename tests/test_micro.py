@@ -293,3 +293,14 @@ def test_cli_builds_nano_without_arguments_beyond_the_recipe(tmp_path, monkeypat
     assert main(["pool", "build", "pools/nano.yaml", "--workers", "1", "--seed", "3"]) == 0
     gt = pq.read_table(tmp_path / "work" / "pools" / "nano" / "ground_truth.parquet")
     assert gt.num_rows > 2900
+
+
+def test_a_build_never_resumes_into_another_seeds_pool(tmp_path):
+    from datafilter.micro.poolbuild import build_pool
+
+    need_sources()
+    out = tmp_path / "pool"
+    out.mkdir()
+    (out / "build_request.json").write_text('{"recipe": "nano", "seed": 99, "key": "0"}')
+    with pytest.raises(RecipeError, match="another recipe or seed"):
+        build_pool(load_recipe(NANO), out, workers=1)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datafilter.common.executor import ShardJob, run_shard_jobs
-from datafilter.common.files import atomic_path, read_json, write_json
+from datafilter.common.files import atomic_path, read_json, stable_hash, write_json
 from datafilter.micro import captions as cap
 from datafilter.micro.catalog import LOCALES, locale_labels
 from datafilter.micro.compose import COLOURS, Composer, png_bytes
@@ -252,7 +252,8 @@ def build_pool(recipe: Recipe, out: Path, workers: int = 2) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    request, request_path = {"recipe": recipe.to_dict(), "seed": recipe.seed}, out / "build_request.json"
+    request = {"recipe": recipe.name, "seed": recipe.seed, "key": stable_hash(recipe.to_dict())}
+    request_path = out / "build_request.json"
     if request_path.exists() and read_json(request_path) != request:
         raise RecipeError(f"{out} holds (part of) a build of another recipe or seed ({request_path}); choose another "
                           f"--out or delete it")
