@@ -515,3 +515,11 @@ def test_d2_reverse_pass_ignores_missing_neighbours():
     nbrs = np.array([[-1, -1], [0, -1], [-1, -1]])
     picked = reverse_pass(np.array([1.0, 2.0, 0.5]), nbrs, np.zeros((3, 2)), beta=1.0, budget=2)
     assert picked.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["semdedup", "image_based"])
+def test_cluster_filters_on_a_pool_without_valid_embeddings_keep_nothing(name):
+    target = unit(np.random.default_rng(0).normal(size=(3, 8)))
+    view, _ = array_view(12, seed=3, invalid=range(12), references={"imagenet_train": target})
+    res = run(name, view, **({"caption_filter": False} if name == "image_based" else {}))
+    assert len(res.uids) == 0 and res.counts.get("no_embedding") == 12

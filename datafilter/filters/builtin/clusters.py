@@ -186,6 +186,8 @@ class SemDeDupFilter(Filter):
         c = self.config
         valid = self.drop_invalid(view)
         rows = np.flatnonzero(valid)
+        if len(rows) == 0:  # nothing to cluster
+            return view.uids_of(valid)
         img = view.image_embeddings()
         k = c.clusters or max(1, len(rows) // 8800)
         with self.phase("kmeans"):
