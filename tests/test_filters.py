@@ -523,3 +523,10 @@ def test_cluster_filters_on_a_pool_without_valid_embeddings_keep_nothing(name):
     view, _ = array_view(12, seed=3, invalid=range(12), references={"imagenet_train": target})
     res = run(name, view, **({"caption_filter": False} if name == "image_based" else {}))
     assert len(res.uids) == 0 and res.counts.get("no_embedding") == 12
+
+
+def test_literal_parameters_from_yaml_numbers_are_accepted():
+    flt, _ = load_filter("normsim", {"p": 2})  # YAML reads `p: 2` as an int; the choices are "inf" and "2"
+    assert flt.config.p == "2"
+    with pytest.raises(ValueError, match="not one of"):
+        load_filter("normsim", {"p": 3})

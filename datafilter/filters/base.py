@@ -140,6 +140,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 last = exc
         raise last or ValueError(f"{key}: cannot convert {value!r}")
     if origin is typing.Literal:
+        if value not in args:  # YAML gives 2 where the choices are strings like "2"
+            value = next((a for a in args if str(a) == str(value)), value)
         if value not in args:
             raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
         return value
@@ -218,8 +220,10 @@ def run_filter(flt: Filter, view: FilterView, *, plugin: str = "") -> RunResult:
     start = time.perf_counter()
     try:
         out = flt.select(view)
-    except FilterError:
-        raise
+    except FilterError as exc:
+        if label in str(exc):
+            raise
+        raise FilterError(f"{label}: {exc}") from exc
     except Exception as exc:
         raise FilterError(f"{label} raised {type(exc).__name__}: {exc}") from exc
     elapsed = time.perf_counter() - start
