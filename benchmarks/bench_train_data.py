@@ -14,7 +14,6 @@ path costs in each mode (batch time / (batch time + step time)).
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import shutil
@@ -23,36 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from datafilter.models import create_model
-from datafilter.pool import ImageConfig, Pool, ShardWriter, make_uid
 from datafilter.train.config import scale_config
 from datafilter.train.data import StepBatches, StreamedImages, decoded_pool, subset_rows
 from datafilter.train.loop import param_groups
 
-WORDS = ("red", "green", "blue", "yellow", "square", "circle", "bar", "small", "large", "icon", "emoji", "drawing")
+from synthetic import make_pool  # benchmarks/ is on sys.path when a benchmark runs as a script
 
-
-def make_pool(path: Path, samples: int, shard_size: int, side: int, seed: int = 0) -> Pool:
-    """Synthetic noisy discs on coloured backgrounds with short captions, written through the real shard writer."""
-    rng = np.random.default_rng(seed)
-    path.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[:side, :side]
-    for shard in range((samples + shard_size - 1) // shard_size):
-        w = ShardWriter(path, shard, ImageConfig(max_side=side, encode_format="png"))
-        for i in range(shard * shard_size, min(samples, (shard + 1) * shard_size)):
-            arr = rng.integers(0, 256, 3, dtype=np.uint8)[None, None] * np.ones((side, side, 1), np.uint8)
-            cy, cx, r = rng.integers(side // 4, 3 * side // 4, 3)
-            arr[(yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2] = rng.integers(0, 256, 3, dtype=np.uint8)
-            arr = np.clip(arr.astype(int) + rng.integers(-10, 11, arr.shape), 0, 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, "PNG")
-            w.add(buf.getvalue(), " ".join(rng.choice(WORDS, rng.integers(2, 8))), make_uid("bench", str(i)))
-        w.close()
-    return Pool(path)
 
 
 def batches_per_s(ds: StepBatches, steps: int, first: int) -> float:

@@ -21,7 +21,7 @@ from datafilter.filters.builtin.scores import ClipScoreConfig
 from datafilter.filters.builtin.simple import caption_matches
 from datafilter.filters.harness import filter_pool
 from datafilter.filters.ops import knn_graph, top_fraction_mask
-from datafilter.filters.view import uids_from_arrow
+from datafilter.pool.uid import uids_from_arrow
 from datafilter.pool.uid import UID_DTYPE, hex_to_uids, make_uid, sort_uids, uids_to_hex
 
 

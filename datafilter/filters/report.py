@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from datafilter.common.files import write_json
 from datafilter.filters.subset import load_subset
-from datafilter.filters.view import uids_from_arrow
+from datafilter.pool.uid import uids_from_arrow
 from datafilter.pool.format import GROUND_TRUTH
 
 CLEAN = "clean"

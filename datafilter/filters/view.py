@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datafilter.pool.uid import UID_DTYPE, hex_to_uids
+from datafilter.pool.uid import UID_DTYPE, uids_from_arrow
 
 log = logging.getLogger(__name__)
 
@@ -40,39 +40,6 @@ def _read_only(arr: np.ndarray) -> np.ndarray:
     view = arr.view()
     view.flags.writeable = False
     return view
-
-
-def uids_from_arrow(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Parse 32-hex-character uid strings to ``u8,u8`` without a Python loop per uid.
-
-    Parsing a million uids one by one takes over a second; when a chunk's strings are all 32 characters, its
-    string buffer is one run of hex digits that ``bytes.fromhex`` turns into big-endian 64-bit words in
-    milliseconds. Anything else goes through the per-string parser, which raises a clear error.
-    """
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    parts = []
-    for chunk in chunks:
-        if chunk.type != pa.large_string():
-            chunk = chunk.cast(pa.large_string())
-        n = len(chunk)
-        if n == 0:
-            continue
-        offsets = np.frombuffer(chunk.buffers()[1], np.int64, n + 1, chunk.offset * 8)
-        if chunk.null_count or offsets[-1] - offsets[0] != 32 * n or not np.all(np.diff(offsets) == 32):
-            parts.append(hex_to_uids(chunk.to_pylist()))
-            continue
-        text = memoryview(chunk.buffers()[2])[int(offsets[0]):int(offsets[-1])]
-        try:
-            raw = bytes.fromhex(bytes(text).decode("ascii"))
-        except (ValueError, UnicodeDecodeError):
-            parts.append(hex_to_uids(chunk.to_pylist()))  # raises with the offending value
-            continue
-        words = np.frombuffer(raw, ">u8").reshape(n, 2)
-        out = np.empty(n, UID_DTYPE)
-        out["f0"] = words[:, 0]
-        out["f1"] = words[:, 1]
-        parts.append(out)
-    return np.concatenate(parts) if parts else np.empty(0, UID_DTYPE)
 
 
 def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from datafilter.common.files import read_json, stable_hash
 from datafilter.pool.format import IMAGE_EXTS, shard_paths
-from datafilter.pool.uid import hex_to_uids
+from datafilter.pool.uid import hex_to_uids, uids_from_arrow
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Pool:
     @cached_property
     def uids(self) -> np.ndarray:
         """All uids in pool order as ``u8,u8``."""
-        return hex_to_uids(self.metadata(["uid"]).column("uid").to_pylist())
+        return uids_from_arrow(self.metadata(["uid"]).column("uid"))
 
     @cached_property
     def _uid_index(self) -> tuple[np.ndarray, np.ndarray]:

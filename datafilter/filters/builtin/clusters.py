@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from datafilter.filters.base import Filter
-from datafilter.filters.builtin.scores import clip_score_mask
+from datafilter.filters.builtin.scores import check_fraction_or_threshold, clip_score_mask
 from datafilter.filters.builtin.simple import english_mask
 from datafilter.filters.ops import (gather_float32, kmeans, nearest_centroid, nearest_centroid_pca, pca_kmeans,
                                     sample_rows)
@@ -119,20 +119,15 @@ class ImageBasedClipConfig(ImageBasedConfig):
     column: str = ""
 
     def __post_init__(self):
-        if (self.fraction is None) == (self.threshold is None):
-            raise ValueError("set exactly one of fraction and threshold (use fraction=none with a threshold)")
+        check_fraction_or_threshold(self.fraction, self.threshold)
 
 
-class ImageBasedClipFilter(Filter):
+class ImageBasedClipFilter(ImageBasedFilter):
     name = "image_based_clip_score"
     version = "1"
     description = "image-based clusters ∩ CLIP-score top fraction (DataComp-1B's recipe)"
     Config = ImageBasedClipConfig
     needs = ("image_embeddings", "scores", "reference:{reference}", "metadata:text")
-
-    def required(self) -> tuple[str, ...]:
-        needs = super().required()
-        return needs if self.config.caption_filter else tuple(n for n in needs if n != "metadata:text")
 
     def select(self, view: FilterView) -> np.ndarray:
         c = self.config

@@ -25,8 +25,13 @@ class ClipScoreConfig:
     column: str = ""
 
     def __post_init__(self):
-        if (self.fraction is None) == (self.threshold is None):
-            raise ValueError("set exactly one of fraction and threshold (use fraction=none with a threshold)")
+        check_fraction_or_threshold(self.fraction, self.threshold)
+
+
+def check_fraction_or_threshold(fraction: float | None, threshold: float | None) -> None:
+    """The CLIP-score rule takes a top fraction or a threshold, exactly one of the two."""
+    if (fraction is None) == (threshold is None):
+        raise ValueError("set exactly one of fraction and threshold (use fraction=none with a threshold)")
 
 
 def clip_score_mask(flt: Filter | None, view: FilterView, fraction: float | None, threshold: float | None,

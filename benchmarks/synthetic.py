@@ -1,0 +1,34 @@
+"""The synthetic pool the speed benchmarks share: noisy discs on coloured backgrounds with short captions, written
+through the project's own shard writer (PNG up to 64 pixels, JPEG above, as real pools of that size would be)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from datafilter.pool import ImageConfig, Pool, ShardWriter, make_uid
+
+WORDS = ("red", "green", "blue", "yellow", "square", "circle", "bar", "small", "large", "icon", "photo", "drawing")
+
+
+def make_pool(path: Path, samples: int, shard_size: int, side: int, seed: int = 0) -> Pool:
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    fmt = "png" if side <= 64 else "jpg"
+    yy, xx = np.mgrid[:side, :side]
+    for shard in range((samples + shard_size - 1) // shard_size):
+        w = ShardWriter(path, shard, ImageConfig(max_side=side, encode_format=fmt, quality=90))
+        for i in range(shard * shard_size, min(samples, (shard + 1) * shard_size)):
+            arr = rng.integers(0, 256, 3, dtype=np.uint8)[None, None] * np.ones((side, side, 1), np.uint8)
+            cy, cx, r = rng.integers(side // 4, 3 * side // 4, 3)
+            arr[(yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+            arr = np.clip(arr.astype(int) + rng.integers(-10, 11, arr.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, "PNG")
+            caption = " ".join(rng.choice(WORDS, rng.integers(2, 8)))
+            w.add(buf.getvalue(), caption, make_uid("bench", str(seed), str(i)))
+        w.close()
+    return Pool(path)
