@@ -4,6 +4,7 @@ configs, subsets and the command line. Everything runs on toy pools with random 
 from __future__ import annotations
 
 import importlib.metadata as im
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +21,7 @@ from datafilter.filters.builtin.d2 import forward_pass, reverse_pass
 from datafilter.filters.builtin.scores import ClipScoreConfig
 from datafilter.filters.builtin.simple import caption_matches
 from datafilter.filters.harness import filter_pool
-from datafilter.filters.ops import knn_graph, top_fraction_mask
+from datafilter.filters.ops import Rows, knn_graph, split_lists, top_fraction_mask
 from datafilter.pool.uid import uids_from_arrow
 from datafilter.pool.uid import UID_DTYPE, hex_to_uids, make_uid, sort_uids, uids_to_hex
 
@@ -235,6 +236,37 @@ def test_knn_neighbours_belong_to_their_rows_with_duplicates_and_ivf():
     ids_pca, dist_pca, _ = knn_graph(x, 5, method="ivf", pca_dim=16, nprobe=8)
     exact = ((x[:, None] - x[ids_pca.ravel()].reshape(3000, 5, 32)) ** 2).sum(-1)
     assert np.allclose(dist_pca, exact, atol=1e-4) and np.all(np.diff(ids_pca, axis=1) != 0)
+
+
+def test_split_lists_caps_sizes_and_separates_blobs():
+    rng = np.random.default_rng(21)
+    # list 0: two far-apart blobs of 300 rows each; list 1: 50 rows; cap 200
+    blobs = np.concatenate([rng.normal(-5, 0.1, (300, 4)), rng.normal(5, 0.1, (300, 4)), rng.normal(0, 1, (50, 4))])
+    lists = np.array([0] * 600 + [1] * 50)
+    out = split_lists(blobs.astype(np.float32), lists, cap=200)
+    sizes = np.bincount(out)
+    assert sizes.max() <= 200 and sizes.sum() == 650
+    assert np.array_equal(out[600:], lists[600:])  # a list under the cap is left alone
+    # the first cut is the principal axis: no piece mixes the two blobs
+    assert not set(out[:300]) & set(out[300:600])
+    assert np.array_equal(split_lists(blobs.astype(np.float32), lists, cap=200), out)  # deterministic
+
+
+def test_ivf_knn_over_two_parts_matches_brute_force_on_separated_clusters():
+    """Image and text read as two arrays (float16, as stored) give the graph of their concatenation."""
+    rng = np.random.default_rng(22)
+    c = rng.integers(0, 40, 4000)
+    img = unit(rng.normal(size=(40, 24))[c] + 0.2 * rng.normal(size=(4000, 24))).astype(np.float16)
+    txt = unit(rng.normal(size=(40, 24))[c] + 0.2 * rng.normal(size=(4000, 24))).astype(np.float16)
+    rows = np.sort(rng.choice(4000, 3000, replace=False))
+    ids, dist, method = knn_graph(Rows([img, txt], rows), 5, method="ivf", pca_dim=8, nlist=60, nprobe=3)
+    x = np.concatenate([img, txt], axis=1).astype(np.float32)[rows]
+    d = ((x[:300, None] - x[None]) ** 2).sum(-1)
+    d[np.arange(300), np.arange(300)] = np.inf
+    brute = np.argsort(d, axis=1, kind="stable")[:, :5]
+    assert method == "ivf"
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids[:300], brute)]) > 0.95
+    assert np.allclose(dist[:300], np.take_along_axis(d, ids[:300], 1), atol=1e-4)
 
 
 # --- SemDeDup ---------------------------------------------------------------------------------------------------------
@@ -484,6 +516,35 @@ def test_cli_list_show_and_run(tmp_path, capsys):
     assert meta["filter"] == "clip_score" and meta["params"]["fraction"] == 0.5 and meta["space"] == SPACE
     assert meta["input"] == 48 and meta["kept"] == len(uids) and meta["pool_id"]
     assert main(["filter", "clip_scor", str(pool), "--out", str(out)]) == 2
+
+
+@dataclass(frozen=True)
+class NeedsTargetConfig:
+    target: str
+    fraction: float = 0.5
+    tags: list = field(default_factory=lambda: ["a"])
+
+
+class NeedsTargetFilter(Filter):
+    name = "needs_target"
+    description = "a plugin whose config has a required field"
+    Config = NeedsTargetConfig
+    needs = ("reference:{target}",)
+
+    def select(self, view):
+        return view.sorted_uids()
+
+
+def test_cli_show_plugin_with_required_config_field(monkeypatch, capsys):
+    from datafilter.cli import main
+
+    real = registry.available
+    monkeypatch.setattr(registry, "available", lambda: real() | {
+        "needs_target": im.EntryPoint("needs_target", "test_filters:NeedsTargetFilter", registry.GROUP)})
+    assert main(["filters", "show", "needs_target"]) == 0
+    out = capsys.readouterr().out
+    assert "needs: reference:{target}" in out
+    assert "target (str), required" in out and "fraction (float) = 0.5" in out and "tags (list) = ['a']" in out
 
 
 def test_view_from_datacomp_metadata_runs_the_same_filters(tmp_path):

@@ -207,12 +207,14 @@ class EmbeddingStore:
 
     # --- whole pool ------------------------------------------------------------------------------------------------
     def _concat(self, which: int) -> np.ndarray:
-        parts = [self._load(s, which) for s in self.pool.shards]
-        if len(parts) == 1:
-            return parts[0]
-        out = np.empty((self.pool.num_samples, parts[0].shape[1]), dtype=np.float16)
-        for s, part, lo in zip(self.pool.shards, parts, self.pool.offsets[:-1]):
+        shards = self.pool.shards
+        if len(shards) == 1:
+            return self._load(shards[0], which)
+        out = np.empty((self.pool.num_samples, self.info.dim), dtype=np.float16)
+        for shard, lo in zip(shards, self.pool.offsets[:-1]):
+            part = self._load(shard, which)
             out[lo : lo + len(part)] = part
+            del part  # unmapped here: the pages it read leave this process's memory one shard at a time
         return out
 
     def all_image(self) -> np.ndarray:

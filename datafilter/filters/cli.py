@@ -64,15 +64,21 @@ def _show(args: argparse.Namespace) -> int:
 
     cls, where = filter_class(args.name)
     print(f"{cls.name} v{cls.version} ({where})\n  {cls.description}")
-    flt = cls()
-    print(f"needs: {', '.join(flt.required()) or 'nothing'}")
     hints = typing.get_type_hints(cls.Config)
     fields = dataclasses.fields(cls.Config)
+    unset = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    # with defaults for every field, the needs are those of the default config; otherwise as declared ({field})
+    needs = cls().required() if not unset else cls.needs
+    print(f"needs: {', '.join(needs) or 'nothing'}")
     if fields:
         print("parameters:")
     for f in fields:
         tp = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
-        print(f"  {f.name} ({tp}) = {f.default!r}")
+        if f.name in unset:
+            print(f"  {f.name} ({tp}), required")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"  {f.name} ({tp}) = {default!r}")
     if cls.Config.__doc__ and fields:
         print("\n" + " ".join(cls.Config.__doc__.split()))
     return 0

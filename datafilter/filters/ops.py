@@ -157,16 +157,9 @@ class Rows:
         self.parts = list(parts)
         self.rows = np.arange(len(self.parts[0])) if rows is None else np.asarray(rows)
         self.dim = sum(p.shape[1] for p in self.parts)
-        self.dtype = np.result_type(*[p.dtype for p in self.parts])  # float16 for stored embeddings
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def raw(self, idx: np.ndarray | slice) -> np.ndarray:
-        """The rows in their stored dtype (no float32 conversion, which is the slow part of a read)."""
-        r = self.rows[idx]
-        parts = [p[r] for p in self.parts]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def get(self, idx: np.ndarray | slice) -> np.ndarray:
         r = self.rows[idx]
@@ -178,18 +171,44 @@ class Rows:
         return out
 
 
+def split_lists(part: np.ndarray, lists: np.ndarray, cap: int) -> np.ndarray:
+    """Bisect every list of more than ``cap`` rows, recursively, at the median of its principal axis (in ``part``),
+    until no list exceeds ``cap``. Returns the new list of every row (lists keep their number; halves get new ones).
+
+    k-means cells of real data are uneven (dense regions gather several times the mean), and the kNN cost of a
+    list grows with its size times the size of the lists it probes, so a few big lists dominate the time. Halving
+    them keeps each piece compact, and its sibling stays among its nearest lists.
+    """
+    lists = lists.copy()
+    order = np.argsort(lists, kind="stable")
+    bounds = np.searchsorted(lists[order], np.arange(lists.max() + 2))
+    stack = [order[bounds[li]:bounds[li + 1]] for li in np.flatnonzero(np.diff(bounds) > cap)]
+    next_id = int(lists.max()) + 1
+    while stack:
+        rows = stack.pop()
+        x = part[rows].astype(np.float64)
+        x -= x.mean(axis=0)
+        axis = np.linalg.eigh(x.T @ x)[1][:, -1]
+        proj = x @ axis
+        half = np.lexsort((rows, proj))[len(rows) // 2:]  # ties by row: the same split on every run
+        upper = rows[half]
+        lists[upper] = next_id
+        next_id += 1
+        stack += [r for r in (np.setdiff1d(rows, upper, assume_unique=True), upper) if len(r) > cap]
+    return lists
+
+
 def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist: int, nprobe: int, seed: int,
-                  niter: int = 10, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+                  niter: int = 10, balance: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
     """Approximate kNN by clusters with exact distances, computed with matrix products.
 
-    k-means on ``part`` (a cheap projection of the rows, e.g. PCA) puts every row in one of ``nlist`` lists
-    (``sq``: the rows' squared norms); the
-    members of a list are compared, in the full space of ``src``, with the members of the ``nprobe`` lists whose
-    centroids are nearest to their own (their own list first). Only the partition is approximate: every distance
-    is exact. The rows are first copied in list order (in their own dtype: the size of the input), so each list's
-    candidates are a few contiguous blocks. One BLAS product per list replaces per-query index scans; lists run
-    on a thread per free core with single-threaded BLAS (many small multi-threaded products are slow on a busy
-    machine).
+    k-means on ``part`` (a cheap projection of the rows, e.g. PCA) puts every row in one of about ``nlist`` lists
+    (lists of more than ``balance`` times the mean size are bisected: ``split_lists``); the members of a list are
+    compared, in the full space of ``src``, with the members of the ``nprobe`` lists whose centroids are nearest to
+    their own (their own list first). Only the partition is approximate: every distance is exact (``sq``: the
+    rows' squared norms). One BLAS product per list replaces per-query index scans; lists run on a thread per free
+    core with single-threaded BLAS (many small multi-threaded products are slow on a busy machine). Each list
+    reads its candidates straight from ``src``, so memory stays the input plus a few lists per thread.
     Returns ``(ids, squared L2 distances)``; -1 / inf where a row has fewer than k candidates.
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -200,46 +219,51 @@ def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist:
     m = len(src)
     nlist = max(1, min(nlist, m // 8 or 1))
     centroids = kmeans(part[sample_rows(np.arange(m), min(m, nlist * 32), seed)], nlist, niter=niter, seed=seed)
-    nlist = len(centroids)
     index = faiss.IndexFlatL2(part.shape[1])
     index.add(centroids)
     lists = np.empty(m, np.int64)
     for s in range(0, m, 65536):
         lists[s:s + 65536] = index.search(part[s:s + 65536], 1)[1][:, 0]
+    if balance > 0:
+        lists = split_lists(part, lists, max(8, int(balance * m / len(centroids))))
+    _, lists = np.unique(lists, return_inverse=True)  # number the non-empty lists 0..nlist-1
+    nlist = int(lists.max()) + 1
     order = np.argsort(lists, kind="stable")
     bounds = np.searchsorted(lists[order], np.arange(nlist + 1))
-    _, near = index.search(centroids, min(nprobe + 1, nlist))
-    by_list = np.empty((m, src.dim), src.dtype)  # row i of by_list is row order[i] of src, stored as read
-    for s in tqdm(range(0, m, chunk), desc="sort by list", unit="chunk", disable=m <= 4 * chunk):
-        by_list[s:s + chunk] = src.raw(order[s:s + chunk])
-    sqn = sq[order].astype(np.float32)  # squared norms, in list order
+    sums = np.stack([np.bincount(lists, weights=part[:, j], minlength=nlist) for j in range(part.shape[1])], 1)
+    centres = (sums / np.diff(bounds)[:, None]).astype(np.float32)  # each list's mean, split lists included
+    index = faiss.IndexFlatL2(part.shape[1])
+    index.add(centres)
+    _, near = index.search(centres, min(nprobe + 1, nlist))
     ids = np.full((m, k), -1, np.int64)
     dist = np.full((m, k), np.inf, np.float32)
 
     def one_list(li: int) -> None:
         lo, hi = bounds[li], bounds[li + 1]
-        if hi == lo:
-            return
         probe = [li] + [int(j) for j in near[li] if j != li and j >= 0][:max(0, nprobe - 1)]
-        pos = np.concatenate([np.arange(bounds[j], bounds[j + 1]) for j in probe])  # positions in list order
-        kk = min(k, len(pos) - 1)
+        cand = np.concatenate([order[bounds[j]:bounds[j + 1]] for j in probe])  # rows; own list first
+        kk = min(k, len(cand) - 1)
         if kk <= 0:
             return
-        xm = by_list[lo:hi].astype(np.float32)
-        xc = by_list[pos].astype(np.float32)
-        d = sqn[lo:hi, None] + sqn[None, pos] - 2.0 * (xm @ xc.T)
-        d[np.arange(hi - lo), np.arange(hi - lo)] = np.inf  # own list comes first: the diagonal is self
+        nm = hi - lo
+        xc = src.get(cand)
+        # |a|^2 is the same for every candidate of row a: rank by |b|^2 - 2 a.b and add it to the k kept
+        d = xc[:nm] @ xc.T
+        d *= -2.0
+        d += sq[cand][None, :]
+        d[np.arange(nm), np.arange(nm)] = np.inf  # own list comes first: the diagonal is self
         sel = np.argpartition(d, kk - 1, axis=1)[:, :kk]
-        sd = np.take_along_axis(d, sel, 1)
-        sid = order[pos[sel]]
+        sd = np.take_along_axis(d, sel, 1) + sq[cand[:nm], None]
+        sid = cand[sel]
         srt = np.lexsort((sid, sd), axis=1)  # by distance, ties by row: the same graph on every run
-        rows = order[lo:hi]
+        rows = cand[:nm]
         ids[rows, :kk] = np.take_along_axis(sid, srt, 1)
         dist[rows, :kk] = np.maximum(np.take_along_axis(sd, srt, 1), 0)
 
     with threadpool_limits(1), ThreadPoolExecutor(free_cores()) as pool:
-        for _ in tqdm(pool.map(one_list, range(nlist)), total=nlist, desc="kNN", unit="list",
-                      disable=nlist < 256):
+        # biggest lists first, so no long list is left for the end while the other threads idle
+        work = np.argsort(-np.diff(bounds), kind="stable")
+        for _ in tqdm(pool.map(one_list, work), total=nlist, desc="kNN", unit="list", disable=nlist < 256):
             pass
     return ids, dist
 
@@ -265,7 +289,7 @@ class PCA:
 
 
 def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: int = 20000, pca_dim: int = 64,
-              nlist: int = 0, nprobe: int = 4, seed: int = 0, chunk: int = 16384
+              nlist: int = 0, nprobe: int = 6, seed: int = 0, chunk: int = 16384
               ) -> tuple[np.ndarray, np.ndarray, str]:
     """The k nearest neighbours of every row of ``x`` (an array, or ``Rows`` over several arrays), itself excluded.
 
@@ -274,7 +298,7 @@ def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: 
     Distances are always exact.
 
     ``flat``: exhaustive search (``m <= exact_max`` under ``auto``). ``ivf``: ``clustered_knn`` with lists made by
-    k-means on a ``pca_dim``-dimensional PCA projection (0: on the full vectors), ``nlist`` lists (0: 2 sqrt(m))
+    k-means on a ``pca_dim``-dimensional PCA projection (0: on the full vectors), ``nlist`` lists (0: 4 sqrt(m))
     and ``nprobe`` lists searched per row.
     """
     faiss = faiss_threads()
@@ -306,5 +330,5 @@ def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: 
         block = src.get(slice(s, s + chunk))
         sq[s:s + len(block)] = np.einsum("ij,ij->i", block, block)
         part[s:s + len(block)] = pca.apply(block) if pca is not None else block
-    ids, dist = clustered_knn(src, part, sq, k, nlist=nlist or max(1, int(2 * np.sqrt(m))), nprobe=nprobe, seed=seed)
+    ids, dist = clustered_knn(src, part, sq, k, nlist=nlist or max(1, int(4 * np.sqrt(m))), nprobe=nprobe, seed=seed)
     return ids, dist, method

@@ -79,7 +79,7 @@ class D2Config:
     """``features``: ``image_text`` (concatenated), ``image`` or ``text``. ``k`` neighbours; ``gamma`` forward and
     ``beta`` reverse kernel widths; ``fraction`` of valid samples kept; ``score_column`` ('' = the space's).
     kNN: ``knn`` = auto (exhaustive up to ``exact_max`` samples, else ivf), flat or ivf; ivf splits the samples
-    into ``nlist`` lists (0 = 2 sqrt(N)) by k-means on a ``pca_dim``-dimensional PCA projection and compares each
+    into ``nlist`` lists (0 = 4 sqrt(N)) by k-means on a ``pca_dim``-dimensional PCA projection and compares each
     sample with the members of the ``nprobe`` nearest lists, with exact distances."""
 
     fraction: float = 0.3
@@ -93,7 +93,7 @@ class D2Config:
     exact_max: int = 20000
     pca_dim: int = 64
     nlist: int = 0
-    nprobe: int = 4
+    nprobe: int = 6
     seed: int = 0
 
     def __post_init__(self):
@@ -103,7 +103,7 @@ class D2Config:
 
 class D2Filter(Filter):
     name = "d2_pruning"
-    version = "1"
+    version = "2"  # 2: balanced kNN lists, 4 sqrt(N) lists and 6 probed by default
     description = "D² pruning: kNN graph, forward and reverse message passing of the CLIP score (image+text or one)"
     Config = D2Config
     needs = ("scores",)
