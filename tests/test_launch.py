@@ -41,3 +41,18 @@ def test_training_never_joins_the_tasks_of_a_job_array():
     with pytest.raises(ValueError, match="MASTER_ADDR"):
         ddp_env({"SLURM_NTASKS": "4", "SLURM_PROCID": "1"})
     assert ddp_env({"SLURM_NTASKS": "4", "SLURM_PROCID": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}).world_size == 4
+
+
+def test_pick_device_gives_each_local_rank_its_own_gpu(monkeypatch):
+    import torch
+
+    from datafilter.models import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto", 3) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert pick_device("auto", 5) == torch.device("cuda", 1)  # rank 5 of a node with 4 GPUs
+    assert pick_device("cuda", 2) == torch.device("cuda", 2)
+    assert pick_device("cuda:3", 0) == torch.device("cuda", 3)  # an explicit index is kept
+    assert pick_device("cpu", 2) == torch.device("cpu")

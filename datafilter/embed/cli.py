@@ -41,8 +41,6 @@ def register(commands) -> None:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    import torch
-
     from datafilter.common.launch import launch_env
     from datafilter.embed.pipeline import EmbedConfig, default_workers, embed_pool, resolve_spec
     from datafilter.embed.reference import embed_reference_sets
@@ -52,9 +50,7 @@ def _embed(args: argparse.Namespace) -> int:
     env = launch_env()
     pool = Pool(args.pool_dir)
     spec = resolve_spec(args.model, args.pretrained, args.checkpoint)
-    device = pick_device(args.device)
-    if device.type == "cuda" and device.index is None and env.distributed:
-        device = torch.device("cuda", env.local_rank % max(1, torch.cuda.device_count()))
+    device = pick_device(args.device, env.local_rank)
     workers = args.workers if args.workers is not None else default_workers()
     cfg = EmbedConfig(batch_size=args.batch_size, workers=workers, precision=args.precision,
                       threads=args.threads, progress=not args.no_progress)

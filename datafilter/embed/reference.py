@@ -24,12 +24,11 @@ from datafilter.common.files import read_json
 from datafilter.embed.pipeline import EmbedConfig, Embedder, cpu_threads, default_space, space_info
 from datafilter.embed.shards import reference_rows
 from datafilter.embed.store import EmbeddingError, EmbeddingStore
+from datafilter.evaluate.suite import SUITE_FILE, webdataset_shards
 from datafilter.models import LoadedModel
 from datafilter.pool.pool import Pool
 
 log = logging.getLogger(__name__)
-
-SUITE_FILE = "suite.json"
 
 
 def suite_reference_sets(suite_dir: str | Path) -> dict[str, Path]:
@@ -44,29 +43,13 @@ def suite_reference_sets(suite_dir: str | Path) -> dict[str, Path]:
     return {str(name): suite_dir / rel for name, rel in sets.items()}
 
 
-def reference_tars(folder: Path) -> list[Path]:
-    """The tar shards of a webdataset folder, checked to exist."""
-    nshards_p = folder / "nshards.txt"
-    if not nshards_p.is_file():
-        raise FileNotFoundError(f"{nshards_p} not found: a reference set needs nshards.txt and 0.tar, 1.tar, ...")
-    try:
-        n = int(nshards_p.read_text().strip())
-    except ValueError:
-        raise ValueError(f"{nshards_p}: expected a shard count, found {nshards_p.read_text()[:40]!r}") from None
-    tars = [folder / f"{i}.tar" for i in range(n)]
-    missing = [t.name for t in tars if not t.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder}: nshards.txt says {n} shards but {', '.join(missing[:5])} missing")
-    return tars
-
-
 def embed_reference_set(store: EmbeddingStore, name: str, folder: Path, embedder: Embedder) -> Path:
     """Embed one reference set into ``store`` (skipped when already there); returns the embeddings file."""
     out = store.reference_paths(name)[0]
     if store.has_reference(name):
         log.info("reference set %s already embedded in %s", name, store.space)
         return out
-    tars = reference_tars(folder)
+    tars = webdataset_shards(folder, f"reference set {name}")
     parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {i: [] for i in range(len(tars))}
     invalid: Counter = Counter()
     with tqdm(desc=f"reference {name}", unit="image", unit_scale=True, disable=not embedder.cfg.progress) as bar:

@@ -40,6 +40,23 @@ class SuiteError(ValueError):
     """A suite or task folder that does not follow the layout; the message names the file."""
 
 
+def webdataset_shards(folder: Path, what: str) -> list[Path]:
+    """The shards ``0.tar``, ``1.tar``, ... that ``folder/nshards.txt`` announces (CLIP_benchmark's webdataset
+    layout, used by tasks and reference sets alike), each checked to exist; ``what`` names the owner in errors."""
+    n_file = folder / "nshards.txt"
+    if not n_file.is_file():
+        raise SuiteError(f"{what}: {n_file} missing (CLIP_benchmark layout: nshards.txt and 0.tar, 1.tar, ...)")
+    try:
+        n = int(n_file.read_text().strip())
+    except ValueError:
+        raise SuiteError(f"{n_file}: expected a shard count, found {n_file.read_text()[:40]!r}") from None
+    shards = [folder / f"{i}.tar" for i in range(n)]
+    missing = [p for p in shards if not p.is_file()]
+    if missing:
+        raise SuiteError(f"{what}: {missing[0]} missing ({n_file} says {n} shards)")
+    return shards
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -65,19 +82,7 @@ class Task:
         return templates
 
     def shards(self) -> list[Path]:
-        n_file = self.split_dir / "nshards.txt"
-        if not n_file.exists():
-            raise SuiteError(f"task {self.name}: {n_file} missing (CLIP_benchmark layout: "
-                             f"{self.split}/nshards.txt and {self.split}/0.tar ...)")
-        try:
-            n = int(n_file.read_text().strip())
-        except ValueError:
-            raise SuiteError(f"{n_file}: expected a shard count, found {n_file.read_text()[:40]!r}") from None
-        shards = [self.split_dir / f"{i}.tar" for i in range(n)]
-        missing = [p for p in shards if not p.exists()]
-        if missing:
-            raise SuiteError(f"task {self.name}: {missing[0]} missing ({n_file} says {n} shards)")
-        return shards
+        return webdataset_shards(self.split_dir, f"task {self.name}")
 
     def samples(self) -> Iterator[tuple[str, bytes, dict[str, bytes]]]:
         """(key, image bytes, other members by extension) for every sample, in shard order."""

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from datafilter.common.launch import free_cores
 
 CHUNK = 32768
+BALANCE = 1.5  # kNN lists larger than this many times the mean are halved (``split_lists``)
 
 
 def faiss_threads(threads: int = 0):
@@ -199,11 +200,11 @@ def split_lists(part: np.ndarray, lists: np.ndarray, cap: int) -> np.ndarray:
 
 
 def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist: int, nprobe: int, seed: int,
-                  niter: int = 10, balance: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+                  niter: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Approximate kNN by clusters with exact distances, computed with matrix products.
 
     k-means on ``part`` (a cheap projection of the rows, e.g. PCA) puts every row in one of about ``nlist`` lists
-    (lists of more than ``balance`` times the mean size are bisected: ``split_lists``); the members of a list are
+    (lists of more than ``BALANCE`` times the mean size are bisected: ``split_lists``); the members of a list are
     compared, in the full space of ``src``, with the members of the ``nprobe`` lists whose centroids are nearest to
     their own (their own list first). Only the partition is approximate: every distance is exact (``sq``: the
     rows' squared norms). One BLAS product per list replaces per-query index scans; lists run on a thread per free
@@ -224,8 +225,7 @@ def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist:
     lists = np.empty(m, np.int64)
     for s in range(0, m, 65536):
         lists[s:s + 65536] = index.search(part[s:s + 65536], 1)[1][:, 0]
-    if balance > 0:
-        lists = split_lists(part, lists, max(8, int(balance * m / len(centroids))))
+    lists = split_lists(part, lists, max(8, int(BALANCE * m / len(centroids))))
     _, lists = np.unique(lists, return_inverse=True)  # number the non-empty lists 0..nlist-1
     nlist = int(lists.max()) + 1
     order = np.argsort(lists, kind="stable")

@@ -74,11 +74,13 @@ class LoadedModel:
         return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 
-def pick_device(preference: str = "auto") -> torch.device:
-    """``auto`` takes the GPU when there is one."""
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(preference)
+def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` takes a GPU when there is one. A GPU without an index (``auto``, ``cuda``) is the process's own:
+    ``local_rank`` (from the launcher) modulo the GPUs visible, so that the ranks on one node share them out."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if preference == "auto" else preference)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    return device
 
 
 def create_model(name: str, seed: int = 0, pretrained: str | None = None, device: str | torch.device = "cpu"):

@@ -120,12 +120,6 @@ class _Distributed:
                 dist.destroy_process_group()
 
 
-def _pick_train_device(env: LaunchEnv, device: str) -> torch.device:
-    if device == "auto":
-        return torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
-
-
 def train(pool_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, subset: str | Path | None = None, *,
           threads: int | None = None, device: str = "auto", env: LaunchEnv | None = None) -> TrainResult:
     """Train ``cfg.model`` on the pool (or the subset of it) for exactly ``cfg.samples_seen`` samples.
@@ -150,7 +144,10 @@ def train(pool_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, subset: s
             raise ValueError(f"a batch of {size} does not split evenly across {env.world_size} ranks (batch size "
                              f"{cfg.batch_size}, {cfg.samples_seen} samples seen); choose values that do")
 
-    dev = _pick_train_device(env, device)
+
+    from datafilter.models import pick_device
+
+    dev = pick_device(device, env.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)) if env.distributed else 1
