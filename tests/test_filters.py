@@ -269,6 +269,41 @@ def test_ivf_knn_over_two_parts_matches_brute_force_on_separated_clusters():
     assert np.allclose(dist[:300], np.take_along_axis(d, ids[:300], 1), atol=1e-4)
 
 
+def test_ivf_knn_with_halved_lists_is_exact_when_every_list_is_probed(monkeypatch):
+    """One dense blob holds most rows: k-means gives it one big list, which is halved; probing every list then
+    must give the brute-force graph exactly (the halves lose no row, and each row keeps its own neighbours)."""
+    import datafilter.filters.ops as ops
+
+    rng = np.random.default_rng(23)
+    x = np.concatenate([rng.normal(0, 0.05, (900, 6)), rng.normal(3, 1.0, (100, 6))]).astype(np.float32)
+    # k-means as it goes on such data: one centroid on the blob, the others on the sparse rows
+    monkeypatch.setattr(ops, "kmeans", lambda v, k, **kw: np.concatenate([np.zeros((1, 6)), x[900:909]]).astype(
+        np.float32))
+    made = []
+    real = ops.split_lists
+    monkeypatch.setattr(ops, "split_lists", lambda *a: made.append(real(*a)) or made[-1])
+    ids, dist, _ = knn_graph(x, 4, method="ivf", pca_dim=0, nlist=10, nprobe=1000, balance=1.5)
+    assert len(made) == 1 and np.bincount(made[0]).max() <= 150 < np.bincount(made[0][:900]).sum()  # blob halved
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    d[np.arange(1000), np.arange(1000)] = np.inf
+    assert np.array_equal(np.sort(ids, 1), np.sort(np.argsort(d, axis=1, kind="stable")[:, :4], 1))
+    assert np.allclose(dist, np.sort(d, 1)[:, :4], atol=1e-5)
+
+
+def test_ivf_knn_pads_rows_with_too_few_candidates(monkeypatch):
+    """A list of 4 rows probed alone: each of its rows gets the 3 others, then -1 / inf, never itself."""
+    import datafilter.filters.ops as ops
+
+    rng = np.random.default_rng(24)
+    x = np.concatenate([rng.normal(0, 0.1, (12, 2)), rng.normal(100, 0.1, (4, 2))]).astype(np.float32)
+    monkeypatch.setattr(ops, "kmeans", lambda v, k, **kw: np.array([[0, 0], [100, 100]], np.float32))
+    ids, dist, _ = knn_graph(x, 6, method="ivf", pca_dim=0, nlist=2, nprobe=1, balance=0)
+    assert not (ids == np.arange(16)[:, None]).any() and np.array_equal(ids < 0, np.isinf(dist))
+    assert (ids[:12] >= 0).all() and (ids[:12] < 12).all()
+    for i in range(12, 16):
+        assert sorted(ids[i, :3]) == sorted(set(range(12, 16)) - {i}) and (ids[i, 3:] == -1).all()
+
+
 # --- SemDeDup ---------------------------------------------------------------------------------------------------------
 def test_semdedup_drops_planted_pairs_like_brute_force():
     rng = np.random.default_rng(9)
@@ -471,10 +506,10 @@ def test_unknown_filter_and_parameter_get_did_you_mean():
 
 def test_config_typing_and_yaml(tmp_path):
     cfg_file = tmp_path / "d2.yaml"
-    cfg_file.write_text("params:\n  k: 7\n  features: image\n  nprobe: 6\n")
+    cfg_file.write_text("params:\n  k: 7\n  features: image\n  nprobe: 3\n")
     params = parse_params(["gamma=0.5"], cfg_file)
     flt, _ = load_filter("d2_pruning", params)
-    assert (flt.config.k, flt.config.features, flt.config.nprobe, flt.config.gamma) == (7, "image", 6, 0.5)
+    assert (flt.config.k, flt.config.features, flt.config.nprobe, flt.config.gamma) == (7, "image", 3, 0.5)
     with pytest.raises(ValueError, match="not one of"):
         load_filter("d2_pruning", {"features": "audio"})
     assert flt.required() == ("scores", "image_embeddings")

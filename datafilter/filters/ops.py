@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 from datafilter.common.launch import free_cores
 
 CHUNK = 32768
-BALANCE = 1.5  # kNN lists larger than this many times the mean are halved (``split_lists``)
 
 
 def faiss_threads(threads: int = 0):
@@ -200,11 +199,13 @@ def split_lists(part: np.ndarray, lists: np.ndarray, cap: int) -> np.ndarray:
 
 
 def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist: int, nprobe: int, seed: int,
-                  niter: int = 10) -> tuple[np.ndarray, np.ndarray]:
+                  niter: int = 10, balance: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """Approximate kNN by clusters with exact distances, computed with matrix products.
 
     k-means on ``part`` (a cheap projection of the rows, e.g. PCA) puts every row in one of about ``nlist`` lists
-    (lists of more than ``BALANCE`` times the mean size are bisected: ``split_lists``); the members of a list are
+    (lists of more than ``balance`` times the mean size are bisected, ``split_lists``; 0 keeps k-means' lists:
+    halving bounds the time a dense region takes, and in a region without inner structure it costs some recall,
+    since a row's neighbours may fall in a half that is not probed); the members of a list are
     compared, in the full space of ``src``, with the members of the ``nprobe`` lists whose centroids are nearest to
     their own (their own list first). Only the partition is approximate: every distance is exact (``sq``: the
     rows' squared norms). One BLAS product per list replaces per-query index scans; lists run on a thread per free
@@ -225,7 +226,8 @@ def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist:
     lists = np.empty(m, np.int64)
     for s in range(0, m, 65536):
         lists[s:s + 65536] = index.search(part[s:s + 65536], 1)[1][:, 0]
-    lists = split_lists(part, lists, max(8, int(BALANCE * m / len(centroids))))
+    if balance > 0:
+        lists = split_lists(part, lists, max(8, int(balance * m / len(centroids))))
     _, lists = np.unique(lists, return_inverse=True)  # number the non-empty lists 0..nlist-1
     nlist = int(lists.max()) + 1
     order = np.argsort(lists, kind="stable")
@@ -255,7 +257,7 @@ def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist:
         sel = np.argpartition(d, kk - 1, axis=1)[:, :kk]
         sd = np.take_along_axis(d, sel, 1) + sq[cand[:nm], None]
         sid = cand[sel]
-        srt = np.lexsort((sid, sd), axis=1)  # by distance, ties by row: the same graph on every run
+        srt = np.lexsort((sid, sd), axis=1)  # the k kept, by distance, ties by row
         rows = cand[:nm]
         ids[rows, :kk] = np.take_along_axis(sid, srt, 1)
         dist[rows, :kk] = np.maximum(np.take_along_axis(sd, srt, 1), 0)
@@ -289,7 +291,7 @@ class PCA:
 
 
 def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: int = 20000, pca_dim: int = 64,
-              nlist: int = 0, nprobe: int = 6, seed: int = 0, chunk: int = 16384
+              nlist: int = 0, nprobe: int = 6, balance: float = 2.0, seed: int = 0, chunk: int = 16384
               ) -> tuple[np.ndarray, np.ndarray, str]:
     """The k nearest neighbours of every row of ``x`` (an array, or ``Rows`` over several arrays), itself excluded.
 
@@ -299,7 +301,7 @@ def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: 
 
     ``flat``: exhaustive search (``m <= exact_max`` under ``auto``). ``ivf``: ``clustered_knn`` with lists made by
     k-means on a ``pca_dim``-dimensional PCA projection (0: on the full vectors), ``nlist`` lists (0: 4 sqrt(m))
-    and ``nprobe`` lists searched per row.
+    and ``nprobe`` lists searched per row; lists over ``balance`` times the mean size are halved (0: never).
     """
     faiss = faiss_threads()
     src = x if isinstance(x, Rows) else Rows([np.asarray(x)])
@@ -330,5 +332,6 @@ def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: 
         block = src.get(slice(s, s + chunk))
         sq[s:s + len(block)] = np.einsum("ij,ij->i", block, block)
         part[s:s + len(block)] = pca.apply(block) if pca is not None else block
-    ids, dist = clustered_knn(src, part, sq, k, nlist=nlist or max(1, int(4 * np.sqrt(m))), nprobe=nprobe, seed=seed)
+    ids, dist = clustered_knn(src, part, sq, k, nlist=nlist or max(1, int(4 * np.sqrt(m))), nprobe=nprobe,
+                             balance=balance, seed=seed)
     return ids, dist, method

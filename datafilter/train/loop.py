@@ -144,7 +144,6 @@ def train(pool_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, subset: s
             raise ValueError(f"a batch of {size} does not split evenly across {env.world_size} ranks (batch size "
                              f"{cfg.batch_size}, {cfg.samples_seen} samples seen); choose values that do")
 
-
     from datafilter.models import pick_device
 
     dev = pick_device(device, env.local_rank)

@@ -80,7 +80,8 @@ class D2Config:
     ``beta`` reverse kernel widths; ``fraction`` of valid samples kept; ``score_column`` ('' = the space's).
     kNN: ``knn`` = auto (exhaustive up to ``exact_max`` samples, else ivf), flat or ivf; ivf splits the samples
     into ``nlist`` lists (0 = 4 sqrt(N)) by k-means on a ``pca_dim``-dimensional PCA projection and compares each
-    sample with the members of the ``nprobe`` nearest lists, with exact distances."""
+    sample with the members of the ``nprobe`` nearest lists, with exact distances; lists over ``balance`` times the
+    mean size are halved along their principal axis (0: never; higher: more recall in dense regions, more time)."""
 
     fraction: float = 0.3
     features: Literal["image_text", "image", "text"] = "image_text"
@@ -94,16 +95,17 @@ class D2Config:
     pca_dim: int = 64
     nlist: int = 0
     nprobe: int = 6
+    balance: float = 2.0
     seed: int = 0
 
     def __post_init__(self):
-        if not 0 <= self.fraction <= 1 or self.k < 1 or self.gamma < 0 or self.beta < 0:
-            raise ValueError("fraction must be in [0, 1], k >= 1, gamma and beta >= 0")
+        if not 0 <= self.fraction <= 1 or self.k < 1 or self.gamma < 0 or self.beta < 0 or self.balance < 0:
+            raise ValueError("fraction must be in [0, 1], k >= 1, gamma, beta and balance >= 0")
 
 
 class D2Filter(Filter):
     name = "d2_pruning"
-    version = "2"  # 2: balanced kNN lists, 4 sqrt(N) lists and 6 probed by default
+    version = "2"  # 2: kNN lists over twice the mean size halved, 4 sqrt(N) lists and 6 probed by default
     description = "D² pruning: kNN graph, forward and reverse message passing of the CLIP score (image+text or one)"
     Config = D2Config
     needs = ("scores",)
@@ -124,7 +126,8 @@ class D2Filter(Filter):
                  "image": [view.image_embeddings()], "text": [view.text_embeddings()]}[c.features]
         with self.phase("knn"):
             nbrs, dists, method = knn_graph(Rows(parts, rows), c.k, method=c.knn, exact_max=c.exact_max,
-                                            pca_dim=c.pca_dim, nlist=c.nlist, nprobe=c.nprobe, seed=c.seed)
+                                            pca_dim=c.pca_dim, nlist=c.nlist, nprobe=c.nprobe, balance=c.balance,
+                                            seed=c.seed)
             self.details["knn"] = method
         with self.phase("forward"):
             g = forward_pass(scores[rows] + c.score_offset, nbrs, dists, c.gamma)
