@@ -202,13 +202,12 @@ def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist:
                   niter: int = 10, balance: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """Approximate kNN by clusters with exact distances, computed with matrix products.
 
-    k-means on ``part`` (a cheap projection of the rows, e.g. PCA) puts every row in one of about ``nlist`` lists
-    (lists of more than ``balance`` times the mean size are bisected, ``split_lists``; 0 keeps k-means' lists:
+    k-means on ``part`` (a cheap projection of the rows, e.g. PCA) puts every row in one of about ``nlist`` lists.
+    Lists of more than ``balance`` times the mean size are bisected (``split_lists``; 0 keeps k-means' lists):
     halving bounds the time a dense region takes, and in a region without inner structure it costs some recall,
-    since a row's neighbours may fall in a half that is not probed); the members of a list are
-    compared, in the full space of ``src``, with the members of the ``nprobe`` lists whose centroids are nearest to
-    their own (their own list first). Only the partition is approximate: every distance is exact (``sq``: the
-    rows' squared norms). One BLAS product per list replaces per-query index scans; lists run on a thread per free
+    since a row's neighbours may fall in a half that is not probed. The members of a list are compared, in the full
+    space of ``src``, with the members of the ``nprobe`` lists whose centres are nearest to their own (their own
+    list first). Only the partition is approximate: every distance is exact (``sq``: the rows' squared norms). One BLAS product per list replaces per-query index scans; lists run on a thread per free
     core with single-threaded BLAS (many small multi-threaded products are slow on a busy machine). Each list
     reads its candidates straight from ``src``, so memory stays the input plus a few lists per thread.
     Returns ``(ids, squared L2 distances)``; -1 / inf where a row has fewer than k candidates.
