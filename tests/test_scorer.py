@@ -33,7 +33,7 @@ def test_no_scorer_says_how_to_build_one():
         default_scorer_spec()
 
 
-def test_scorer_is_trained_cached_evaluated_and_found(tmp_path, capsys):
+def test_scorer_is_trained_cached_evaluated_and_found(tmp_path, capsys, caplog):
     pool = write_toy_pool(tmp_path / "pool", n=96, shard_size=32)
     suite = write_toy_suite(tmp_path / "suite")
     info = train_scorer(pool, suite, tiny_recipe(), threads=1)
@@ -51,8 +51,11 @@ def test_scorer_is_trained_cached_evaluated_and_found(tmp_path, capsys):
 
     # Same pool and recipe: found, not retrained. Another recipe: another cache entry, and the newest is the default.
     assert train_scorer(pool, None, tiny_recipe())["created"] == stored["created"]
-    other = train_scorer(pool, None, tiny_recipe(seed=1), threads=1)
+    with caplog.at_level("INFO", logger="datafilter.train.scorer"):
+        other = train_scorer(pool, None, tiny_recipe(seed=1), threads=1)
     assert other["key"] != info["key"] and len(list_scorers()) == 2
+    # the retrain says which cached scorer of this pool was not reused, and why: the recipe, nothing else
+    assert f"cached scorer {info['key']} was trained on {pool} too, but its recipe differs" in caplog.text
     assert default_scorer_spec().checkpoint.startswith(other["path"])
 
     assert main(["scorer", "eval", "--key", info["key"][:8]]) == 0

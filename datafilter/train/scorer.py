@@ -15,6 +15,7 @@ Cache layout, keyed by the clean pool's id and the training recipe (so a new poo
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -65,6 +66,10 @@ def train_scorer(pool_dir: str | Path, suite_dir: str | Path | None = None, cfg:
         info = read_json(info_path)
         log.info("scorer %s already trained (%s)", key, info_path)
     else:
+        for old_key, differs in _not_reused(pool, cfg):
+            if differs:
+                log.info("cached scorer %s was trained on %s too, but its %s differs: training a new one (%s)",
+                         old_key, pool.path, " and ".join(differs), key)
         result = train(pool.path, folder / "run", cfg, threads=threads, device=device)
         model_path = folder / "scorer.pt"
         with atomic_path(model_path) as tmp:
@@ -80,6 +85,23 @@ def train_scorer(pool_dir: str | Path, suite_dir: str | Path | None = None, cfg:
     if suite_dir is not None:
         info = evaluate_scorer(folder, suite_dir, device=device)
     return {**info, "path": str(folder)}
+
+
+def _not_reused(pool, cfg: TrainConfig) -> list[tuple[str, list[str]]]:
+    """Cached scorers of the same pool folder, each with what keeps its key from matching: without this, a changed
+    pool, recipe or scorer version would retrain silently and look like a cache that does not work."""
+    recipe = json.loads(json.dumps(cfg.recipe()))  # tuples as the stored JSON has them: lists
+    out = []
+    for old in list_scorers():
+        if old.get("pool") != str(pool.path):
+            continue
+        stored = old.get("config") or {}
+        differs = [what for what, same in (
+            ("pool id (the pool's content, or how its id is computed)", old.get("pool_id") == pool.pool_id),
+            ("recipe", {k: stored.get(k) for k in recipe} == recipe),
+            ("scorer version", old.get("version") == SCORER_VERSION)) if not same]
+        out.append((old["key"], differs))
+    return out
 
 
 def evaluate_scorer(folder: str | Path, suite_dir: str | Path, device: str = "auto") -> dict[str, Any]:
