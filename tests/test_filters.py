@@ -510,6 +510,11 @@ def test_config_typing_and_yaml(tmp_path):
     params = parse_params(["gamma=0.5"], cfg_file)
     flt, _ = load_filter("d2_pruning", params)
     assert (flt.config.k, flt.config.features, flt.config.nprobe, flt.config.gamma) == (7, "image", 3, 0.5)
+    with pytest.raises(ValueError, match="filter config not found"):
+        parse_params([], tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("params: [unclosed\n")
+    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+        parse_params([], tmp_path / "bad.yaml")
     with pytest.raises(ValueError, match="not one of"):
         load_filter("d2_pruning", {"features": "audio"})
     assert flt.required() == ("scores", "image_embeddings")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from datafilter.common.files import read_yaml
 
 
 class BenchConfigError(ValueError):
@@ -70,12 +70,7 @@ class BenchConfig:
 
 def load_bench_config(path: str | Path, **overrides: Any) -> BenchConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise BenchConfigError(f"benchmark config not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise BenchConfigError(f"{path}: not valid YAML ({exc})") from None
+    data = read_yaml(path, "benchmark config", BenchConfigError)
     if not isinstance(data, dict):
         raise BenchConfigError(f"{path}: expected a mapping with name, recipe, filters, ...")
     known = set(BenchConfig.__dataclass_fields__) - {"path"}

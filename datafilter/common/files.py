@@ -39,6 +39,20 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_yaml(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> Any:
+    """A YAML file's content; a missing file or invalid YAML raises ``error`` naming the file (``what`` it should
+    be: "recipe", "benchmark config", ...), so every config reader fails the same clear way."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML ({exc})") from None
+
+
 def _json_default(obj: Any) -> Any:
     # numpy scalars and paths appear in stats and configs; everything else is a bug worth seeing.
     if hasattr(obj, "item"):

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from datafilter.common.files import read_yaml
 from datafilter.filters.view import FilterView
 from datafilter.pool.uid import UID_DTYPE, is_sorted
 
@@ -191,9 +192,7 @@ def parse_params(pairs: Sequence[str] = (), config_file: str | Path | None = Non
     """``--config file.yaml`` first, then ``--param key=value`` pairs on top."""
     out: dict[str, Any] = {}
     if config_file:
-        import yaml
-
-        data = yaml.safe_load(Path(config_file).read_text()) or {}
+        data = read_yaml(config_file, "filter config") or {}
         if not isinstance(data, dict):
             raise ValueError(f"{config_file}: expected a mapping of parameter names to values")
         out.update(data.get("params", data) if isinstance(data.get("params"), dict) else data)

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-import yaml
-
+from datafilter.common.files import read_yaml
 from datafilter.micro.catalog import EMOJI_STYLES
 
 NOISE_KINDS = ("mismatched_caption", "boilerplate_caption", "near_duplicate_spam", "off_topic_image",
@@ -200,12 +199,7 @@ def validate(r: Recipe, where: str) -> None:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"recipe not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+    data = read_yaml(path, "recipe", RecipeError)
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (name, seed, styles, pool, suite)")
     try:
