@@ -11,8 +11,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from datafilter.filters.base import Filter
+from datafilter.filters.language import FASTTEXT, fasttext_tokens, language_mask
 from datafilter.filters.builtin.scores import check_fraction_or_threshold, clip_score_mask
-from datafilter.filters.builtin.simple import english_mask
 from datafilter.filters.ops import (gather_float32, kmeans, nearest_centroid, nearest_centroid_pca, pca_kmeans,
                                     sample_rows)
 from datafilter.filters.view import FilterView
@@ -31,8 +31,8 @@ class ImageBasedConfig:
     ``pca_dim`` > 0: train k-means in a PCA projection of that many dimensions (full-dimensional centroids are the
     cluster means) and find each sample's nearest centroid among the ``candidates`` best in the projection, by the
     exact full-dimensional inner product; 0 is DataComp's exhaustive setting.
-    ``caption_filter``: DataComp's image-based baseline first drops captions that are not English or have fewer than
-    two words or six characters."""
+    ``caption_filter``: DataComp's image-based baseline first drops captions that are not English (fastText,
+    ``language_model``) or have fewer than two words (fastText's tokens) or six characters."""
 
     reference: str = "imagenet_train"
     clusters: int = 0
@@ -43,14 +43,17 @@ class ImageBasedConfig:
     seed: int = 0
     caption_filter: bool = True
     language: str = "en"
+    language_model: str = FASTTEXT
 
 
-def caption_filter_mask(view: FilterView, language: str) -> np.ndarray:
+def caption_filter_mask(view: FilterView, language: str, language_model: str = FASTTEXT) -> np.ndarray:
+    """DataComp's ``caption_filter``: more than one fastText token, more than five characters, and (unless
+    ``language`` is '') the predicted language."""
     texts = view.text()
-    ok = np.fromiter(((len(t.split()) > 1) and (len(t) > 5) for t in texts), bool, len(texts))
+    ok = np.fromiter(((len(fasttext_tokens(t)) > 1) and (len(t) > 5) for t in texts), bool, len(texts))
     if language:
         idx = np.flatnonzero(ok)
-        ok[idx] = english_mask([texts[i] for i in idx], language)
+        ok[idx] = language_mask([texts[i] for i in idx], language, language_model)
     return ok
 
 
@@ -61,7 +64,7 @@ def target_cluster_mask(flt: Filter, view: FilterView, cfg: ImageBasedConfig) ->
     keep = valid.copy()
     if cfg.caption_filter:
         with flt.phase("caption_filter"):
-            ok = caption_filter_mask(view, cfg.language)
+            ok = caption_filter_mask(view, cfg.language, cfg.language_model)
             flt.drop("caption_filter", int((keep & ~ok).sum()))
             keep &= ok
     if not keep.any():

@@ -76,7 +76,11 @@ def reverse_pass(graph_scores: np.ndarray, nbrs: np.ndarray, dists: np.ndarray, 
 
 @dataclass(frozen=True)
 class D2Config:
-    """``features``: ``image_text`` (concatenated), ``image`` or ``text``. ``k`` neighbours; ``gamma`` forward and
+    """Defaults are the authors' DataComp recipe (d2pruning's README and ``select_d2_datacomp.py``): image and text
+    embeddings concatenated, one neighbour, forward and reverse gamma 1.0, score offset 0.115, the whole pool, 30%
+    kept. Their image-classification recipes use ``k=5`` to ``10`` and ``gamma`` of about 0.1.
+
+    ``features``: ``image_text`` (concatenated), ``image`` or ``text``. ``k`` neighbours; ``gamma`` forward and
     ``beta`` reverse kernel widths; ``fraction`` of valid samples kept; ``score_column`` ('' = the space's).
     kNN: ``knn`` = auto (exhaustive up to ``exact_max`` samples, else ivf), flat or ivf; ivf splits the samples
     into ``nlist`` lists (0 = 4 sqrt(N)) by k-means on a ``pca_dim``-dimensional PCA projection and compares each
@@ -85,7 +89,7 @@ class D2Config:
 
     fraction: float = 0.3
     features: Literal["image_text", "image", "text"] = "image_text"
-    k: int = 10
+    k: int = 1
     gamma: float = 1.0
     beta: float = 1.0
     score_offset: float = 0.115
@@ -105,7 +109,7 @@ class D2Config:
 
 class D2Filter(Filter):
     name = "d2_pruning"
-    version = "2"  # 2: kNN lists over twice the mean size halved, 4 sqrt(N) lists and 6 probed by default
+    version = "3"  # 3: the authors' DataComp recipe (k = 1) by default; 2: kNN lists over twice the mean size halved
     description = "D² pruning: kNN graph, forward and reverse message passing of the CLIP score (image+text or one)"
     Config = D2Config
     needs = ("scores",)
