@@ -26,6 +26,9 @@ from conftest import NANO, ROOT, need_sources
     ("name: x\npool: {noise: {mismatched_caption: 0.7, boilerplate_caption: 0.4}}\n", "add up to 1.10"),
     ("name: x\npool: {noise: {typos: 0.1}}\n", "unknown noise kind 'typos'"),
     ("name: x\npool: {augment: {scale: [1.0]}}\n", "pool.augment.scale: expected 2 values"),
+    ("name: x\nstyles: {imagenet_train: noto}\n", "noto used in more than one role"),
+    ("name: x\nstyles: {icon_pool: [outline, filled]}\n", "both a pool style and the ImageNet icon style"),
+    ("name: x\nstyles: {icon_imagenet: bold}\n", "unknown icon style 'bold'"),
     ("- just\n- a list\n", "a recipe is a YAML mapping"),
     ("name: [unclosed\n", "not valid YAML"),
 ])
@@ -41,8 +44,11 @@ def test_recipe_errors_name_file_and_key(tmp_path, text, message):
 def test_shipped_recipes_parse_with_disjoint_styles():
     for name in ("micro", "nano", "scorer"):
         r = load_recipe(ROOT / "pools" / f"{name}.yaml")
-        roles = list(r.styles.pool) + [r.styles.imagenet_test, r.styles.imagenet_train] + list(r.styles.shift)
+        roles = list(r.styles.pool) + [r.styles.imagenet_test] + list(r.styles.shift)
         assert len(roles) == len(set(roles))
+        # ImageNet's train split comes from its test's distribution; the icon test style is never pooled.
+        assert r.styles.imagenet_train == r.styles.imagenet_test
+        assert r.styles.icon_imagenet not in r.styles.icon_pool
     assert sum(load_recipe(ROOT / "pools" / "scorer.yaml").pool.noise.values()) == 0
     micro = load_recipe(ROOT / "pools" / "micro.yaml")
     assert 0.5 <= sum(micro.pool.noise.values()) <= 0.6
@@ -99,7 +105,7 @@ def test_a_missing_shift_style_only_loses_its_own_set(monkeypatch, caplog):
     monkeypatch.setattr(catalog, "emoji_art", no_symbola)
     world = World(load_recipe(NANO), workers=1)
     assert world.art["symbola"] == {} and world.art["twemoji"]
-    assert len(world.imagenet) == load_recipe(NANO).imagenet_classes
+    assert len(world.imagenet_keys) == load_recipe(NANO).imagenet_classes
     assert "fonts-symbola" in caplog.text
 
 
@@ -274,6 +280,60 @@ def test_overlap_check_catches_a_planted_copy(nano_builds, tmp_path):
     assert result["by_task"]["imagenet"]["near_duplicate"] >= 1
 
 
+def test_reference_split_comes_from_the_test_distribution_without_test_images(nano_builds):
+    """ImageNet's train split is drawn from the test's styles (twemoji, filled icons) in other placements, and
+    holds no test image or near-copy of one: the build drops them and `suite check` finds none."""
+    from datafilter.micro.overlap import check_suite
+    from datafilter.micro.suite import read_task
+    from datafilter.micro.world import World
+
+    recipe = load_recipe(NANO)
+    meta = json.loads((nano_builds["suite"] / "suite.json").read_text())
+    ref = meta["overlap"]["reference"]
+    world = World(recipe, workers=1)
+    classes = len(world.imagenet_keys)
+    assert len(world.imagenet_icons) == round(recipe.imagenet_classes * recipe.imagenet_icon_share) > 0
+    assert ref["planned"] == classes * recipe.suite.reference_per_class
+    assert ref["kept"] == ref["planned"] - ref["near_pool"] - ref["near_test"] > 0.9 * ref["planned"]
+    assert ref["test_images_checked"] > 1000
+    assert ref["max_test_similarity_kept"] < recipe.suite.near_duplicate_threshold
+    images, labels = read_task(nano_builds["suite"] / "imagenet", "train")
+    assert len(images) == ref["kept"] and set(labels) == set(range(classes))
+    result = check_suite(nano_builds["suite"], nano_builds["pool"], recipe.suite.near_duplicate_threshold)
+    leaks = result["reference_vs_test"]["imagenet_train"]
+    assert leaks["images"] == ref["kept"] and leaks["exact"] == 0 and leaks["near_duplicate"] == 0
+
+
+def test_reference_check_catches_a_test_image_in_the_train_split(nano_builds, tmp_path):
+    """The reference-vs-test rule can fail: a train split holding a jittered test image is caught."""
+    import shutil
+    import tarfile
+
+    from datafilter.micro.overlap import check_suite
+    from datafilter.micro.suite import read_task
+    from datafilter.pool.format import tar_member
+
+    suite = shutil.copytree(nano_builds["suite"], tmp_path / "suite")
+    test_images, _ = read_task(suite / "imagenet")
+    jittered = np.clip(test_images[5].astype(int) + np.random.default_rng(1).integers(-6, 7, test_images[5].shape),
+                       0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(jittered).save(buf, "PNG")
+    with tarfile.open(suite / "imagenet" / "train" / "0.tar", "a") as tf:
+        tf.addfile(tar_member("zz_leak.png", len(buf.getvalue())), io.BytesIO(buf.getvalue()))
+        tf.addfile(tar_member("zz_leak.cls", 1), io.BytesIO(b"5"))
+    result = check_suite(suite, nano_builds["pool"], 0.95)
+    assert result["reference_vs_test"]["imagenet_train"]["near_duplicate"] == 1
+
+
+def test_suite_writes_a_concept_vocabulary_for_the_text_based_filter(nano_builds):
+    meta = json.loads((nano_builds["suite"] / "suite.json").read_text())
+    names = (nano_builds["suite"] / meta["vocabulary"]["file"]).read_text().splitlines()
+    assert len(names) == meta["vocabulary"]["names"] == len(set(names))
+    inet = {n.lower() for n in (nano_builds["suite"] / "imagenet" / "classnames.txt").read_text().splitlines()}
+    assert inet <= set(names) and len(names) > 3 * len(inet)  # far wider than the ImageNet classes
+
+
 def test_suite_contact_sheets_one_per_set(nano_builds, tmp_path):
     from datafilter.cli import main
 
@@ -281,7 +341,9 @@ def test_suite_contact_sheets_one_per_set(nano_builds, tmp_path):
     meta = json.loads((nano_builds["suite"] / "suite.json").read_text())
     made = sorted(p.stem for p in (tmp_path / "sheets").glob("*.png"))
     assert made == sorted([t["name"] for t in meta["tasks"]] + ["imagenet_train"])
-    assert all(Image.open(p).info["tiles"] == "8" for p in (tmp_path / "sheets").glob("*.png"))
+    sizes = {t["name"]: t["num_samples"] for t in meta["tasks"]}
+    for p in (tmp_path / "sheets").glob("*.png"):  # 8 tiles, or all of a smaller set
+        assert Image.open(p).info["tiles"] == str(min(8, sizes.get(p.stem, 8)))
 
 
 def test_cli_builds_nano_without_arguments_beyond_the_recipe(tmp_path, monkeypatch):

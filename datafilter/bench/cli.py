@@ -24,8 +24,10 @@ def register(commands) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the config's)")
     p.add_argument("--samples-seen", type=int, help="override the scale's training budget")
     p.add_argument("--workers", type=int, default=0, help="processes for building and decoding (default: free cores)")
-    p.add_argument("--threads", type=int, help="torch threads for training (default: the free cores; 1 is often "
-                                            "much faster on a machine shared with other busy processes)")
+    p.add_argument("--threads", type=int, help="torch threads per training run (default: 1 with runs side by side; "
+                                            "1 is often much faster on a machine shared with other busy processes)")
+    p.add_argument("--parallel", type=int, default=0, help="training runs side by side (default 0: one one-thread run "
+                                                          "per free core, or one run at a time if --threads is given)")
     p.add_argument("--stop-after", choices=("pool", "suite", "scorer", "embed", "filter", "train"),
                    help="stop after this stage")
     p.set_defaults(func=_bench)
@@ -38,7 +40,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     cfg = load_bench_config(args.config, seeds=args.seeds, samples_seen=args.samples_seen)
     summary = run_bench(cfg, args.work, workers=args.workers or free_cores(), threads=args.threads,
-                        stop_after=args.stop_after)
+                        parallel=args.parallel, stop_after=args.stop_after)
     tables = summary.get("tables")
     if tables:
         print()

@@ -25,6 +25,7 @@ class FilterEntry:
     label: str
     name: str
     params: dict[str, Any] = field(default_factory=dict)
+    published: str | None = None  # the row of the config's published table this entry stands for
 
     @property
     def slug(self) -> str:
@@ -51,6 +52,8 @@ class BenchConfig:
     samples_seen: int | None = None
     seeds: tuple[int, ...] = (0,)
     train: bool = True
+    # Published results the rows are compared with (a table of ``datafilter/bench/published.yaml``).
+    published: str | None = None
     path: str = ""
 
     def __post_init__(self) -> None:
@@ -78,7 +81,8 @@ def load_bench_config(path: str | Path, **overrides: Any) -> BenchConfig:
     if unknown:
         raise BenchConfigError(f"{path}: unknown keys {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
     try:
-        filters = tuple(FilterEntry(label=str(f["label"]), name=str(f["name"]), params=dict(f.get("params") or {}))
+        filters = tuple(FilterEntry(label=str(f["label"]), name=str(f["name"]), params=dict(f.get("params") or {}),
+                                    published=f.get("published"))
                         for f in data.pop("filters", []) or [])
     except (KeyError, TypeError) as exc:
         raise BenchConfigError(f"{path}: each filter needs a label and a name ({exc})") from None

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from datafilter.bench.config import BenchConfig, FilterEntry
+from datafilter.bench.progress import BenchProgress
+from datafilter.bench.published import published_table
 from datafilter.common.files import read_json, sha256_file, stable_hash, write_json
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,6 @@ class BenchPaths:
         """A training run's folder; ``key`` hashes what decides its result, so a changed subset or recipe gets a
         new folder instead of colliding with a finished run."""
         return self.bench / "runs" / f"{entry.slug}-seed{seed}-{key}"
-
-
-def _stage(name: str) -> None:
-    log.info("=== %s ===", name)
 
 
 def _recipe_tag(recipe_path: str) -> str:
@@ -101,6 +99,18 @@ def _scorer_spec(cfg: BenchConfig, work: Path, suite: Path, workers: int, thread
     return ModelSpec(info["model"], checkpoint=str(Path(info["path"]) / info["checkpoint"]))
 
 
+def expand_params(params: dict[str, Any], **dirs: Path) -> dict[str, Any]:
+    """Filter parameters with ``{pool}`` and ``{suite}`` replaced by the benchmark's folders, so a config can name
+    a file the suite provides (e.g. the text-based filter's class names) without knowing where the suite was built."""
+    def expand(value: Any) -> Any:
+        if isinstance(value, str):
+            for name, folder in dirs.items():
+                value = value.replace("{" + name + "}", str(folder))
+        return value
+
+    return {k: expand(v) for k, v in params.items()}
+
+
 def _filter(entry: FilterEntry, pool: Path, suite: Path, space: str, out: Path) -> dict[str, Any]:
     """Run one filter unless this config already made its subset (same filter version, parameters, embeddings and
     reference sets, which come from the suite)."""
@@ -116,23 +126,25 @@ def _filter(entry: FilterEntry, pool: Path, suite: Path, space: str, out: Path) 
     if out.exists() and request_path.exists() and read_json(request_path) == request:
         return load_subset(out)[1]
     request_path.unlink(missing_ok=True)  # a kill while the subset is replaced must not leave the old request
-    filter_pool(entry.name, pool, out, params=entry.params, space=space)
+    filter_pool(entry.name, pool, out, params=expand_params(entry.params, pool=pool, suite=suite), space=space)
     write_json(request_path, request)
     return load_subset(out)[1]
 
 
 def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, threads: int | None = None,
-              stop_after: str | None = None) -> dict[str, Any]:
+              parallel: int = 0, stop_after: str | None = None) -> dict[str, Any]:
     """Run (or resume) every stage of ``cfg``; return a summary with the paths of what it wrote.
 
-    ``workers``: processes for building and decoding; ``threads``: torch threads for training (default: the free
-    cores; on a machine shared with other busy processes, 1 is often much faster).
+    ``workers``: processes for building and decoding; ``threads``: torch threads per training run; ``parallel``:
+    training runs side by side (0: one one-thread run per free core, unless ``threads`` is given; see
+    ``datafilter.bench.runs``).
     """
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}")
     from datafilter.micro import sources
 
     t0 = time.time()
+    progress = BenchProgress(cfg.name, ("sources", *STAGES[:-2], "train + evaluate"))
     work = Path(work)
     paths = paths_for(cfg, work)
     paths.bench.mkdir(parents=True, exist_ok=True)
@@ -143,30 +155,30 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
         return stop_after == stage
 
     if cfg.recipe or cfg.scorer_recipe:
-        _stage("sources")
+        progress.stage("sources")
         report = sources.install()
         if report.failed_required:
             raise RuntimeError("required sources are missing; `datafilter sources status` lists them and what "
                                "they feed")
 
-    _stage("pool")
+    progress.stage("pool")
     pool_dir = paths.pool if cfg.pool else _built_pool(cfg.recipe, work, workers)
     summary["pool"] = str(pool_dir)
     if done("pool"):
         return summary
-    _stage("suite")
+    progress.stage("suite")
     suite_dir = paths.suite if cfg.suite else _built_suite(cfg.recipe, work, pool_dir, workers)
     summary["suite"] = str(suite_dir)
     if done("suite"):
         return summary
 
-    _stage("scorer")
+    progress.stage("scorer")
     spec = _scorer_spec(cfg, work, suite_dir, workers, threads)
     summary["scorer"] = {"model": spec.name, "checkpoint": spec.checkpoint, "pretrained": spec.pretrained}
     if done("scorer"):
         return summary
 
-    _stage("embed")
+    progress.stage("embed")
     from datafilter.embed.pipeline import embed_pool
     from datafilter.embed.reference import embed_reference_sets
     from datafilter.models import load_model, pick_device
@@ -179,7 +191,7 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
     if done("embed"):
         return summary
 
-    _stage("filter")
+    progress.stage("filter")
     from datafilter.filters.report import subset_report
 
     subsets: dict[str, dict[str, Any]] = {}
@@ -194,41 +206,38 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
     if done("filter") or not cfg.train:
         return summary
 
-    _stage("train + evaluate")
-    from datafilter.bench.table import write_tables
+    progress.stage("train + evaluate")
+    from datafilter.bench.runs import RunJob, plan_parallel, run_all
     from datafilter.evaluate.suite import load_suite
-    from datafilter.evaluate.zeroshot import evaluate_suite
-    from datafilter.models import ModelSpec
     from datafilter.pool import Pool
     from datafilter.train.config import scale_config
-    from datafilter.train.loop import train
 
     suite = load_suite(suite_dir)
     pool_id = Pool(pool_dir).pool_id
-    rows = []
+    table = published_table(cfg.published) if cfg.published else None
+    jobs = []
     for entry in cfg.filters:
         subset = subsets[entry.label]["path"]
+        pub = asdict(table.row(entry.published)) if table is not None and entry.published else None
         for seed in cfg.seeds:
             train_cfg = scale_config(cfg.scale, seed=seed, samples_seen=cfg.samples_seen)
             run_dir = paths.run(entry, seed, stable_hash([sha256_file(subset), train_cfg.recipe(), pool_id], 8))
-            log.info("training on %s (seed %d) -> %s", entry.label, seed, run_dir)
-            result = train(pool_dir, run_dir, train_cfg, subset=subset, threads=threads)
-            if done("train"):
-                continue
-            eval_path = run_dir / "eval.json"
-            results = read_json(eval_path) if eval_path.exists() else None
-            if results is None or (results.get("checkpoint_id"), results["suite"].get("id")) != \
-                    (result.checkpoint_sha256, suite.suite_id):
-                trained = load_model(ModelSpec(train_cfg.model, checkpoint=str(result.checkpoint)),
-                                     device=pick_device())
-                results = evaluate_suite(trained, suite, out=eval_path, checkpoint=result.checkpoint)
-            rows.append({"filter": entry.label, "seed": seed, "size": subsets[entry.label]["kept"],
-                         "groups": results["groups"], "tasks": {k: v["main"] for k, v in results["tasks"].items()}})
+            jobs.append(RunJob(entry.label, seed, subsets[entry.label]["kept"], subset, str(run_dir), train_cfg,
+                               str(pool_dir), str(suite_dir), None, pub))
+    side_by_side, per_run = plan_parallel(parallel, threads, len(jobs))
+    jobs = [replace(j, threads=per_run) for j in jobs]
+    progress.start_runs(len(jobs), side_by_side)
+    log.info("%d training runs (%d filters x %d seeds), %d at a time with %s thread(s) each", len(jobs),
+             len(cfg.filters), len(cfg.seeds), side_by_side, per_run or "all free")
+    rows = run_all(jobs, suite.suite_id, parallel=side_by_side, train_only=done("train"),
+                   on_done=lambda job, row, seconds: progress.run_finished(job.label, job.seed, seconds))
     if done("train"):
         return summary
+    from datafilter.bench.table import write_tables
+
     summary["tables"] = write_tables(rows, paths.bench, title=f"{cfg.name}: {cfg.scale} scale, "
                                      f"{scale_config(cfg.scale, samples_seen=cfg.samples_seen).samples_seen:,} "
-                                     f"samples seen")
+                                     f"samples seen", tasks=rows[0]["task_info"] if rows else None, published=table)
     summary["seconds"] = time.time() - t0
     write_json(paths.bench / "summary.json", summary)
     return summary

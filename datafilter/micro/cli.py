@@ -147,4 +147,5 @@ def _suite_check(args: argparse.Namespace) -> int:
 
     r = check_suite(args.suite_dir, args.pool, args.threshold, workers=_workers(0))
     print(json.dumps(r, indent=2))
-    return 1 if r["exact"] or r["near_duplicate"] else 0
+    leaks = sum(v["exact"] + v["near_duplicate"] for v in r["reference_vs_test"].values())
+    return 1 if r["exact"] or r["near_duplicate"] or leaks else 0

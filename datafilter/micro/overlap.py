@@ -97,7 +97,8 @@ def _shard_prints(tar_path: str) -> tuple[set[bytes], np.ndarray]:
 
 
 def check_suite(suite_dir: str | Path, pool_dir: str | Path, threshold: float, workers: int = 1) -> dict:
-    """Compare every image of a built suite with every image of a built pool; returns counts and the worst case."""
+    """Compare every image of a built suite with every image of a built pool, and every reference-split image with
+    every test image; returns counts and the worst cases."""
     import json
 
     from datafilter.micro.suite import read_task
@@ -109,9 +110,19 @@ def check_suite(suite_dir: str | Path, pool_dir: str | Path, threshold: float, w
     result = {"threshold": threshold, "pool_images": index.size, "eval_images": 0, "exact": 0, "near_duplicate": 0,
               "max_similarity": 0.0, "by_task": {}}
     paths = [(t["name"], suite_dir / t["path"], "test") for t in meta["tasks"]]
-    paths += [(name, suite_dir / Path(p).parent, Path(p).name) for name, p in meta["reference_sets"].items()]
-    for name, d, split in paths:
+    references = [(name, suite_dir / Path(p).parent, Path(p).name) for name, p in meta["reference_sets"].items()]
+    tests = OverlapIndex(threshold)
+    result["reference_vs_test"] = {}
+    for name, d, split in paths + references:
         images, _ = read_task(d, split)
+        if split == "test":
+            tests.add(images)
+        else:  # a reference (train) split must hold no test image either, nor a near-copy of one
+            t_exact, t_sim = tests.query(images)
+            result["reference_vs_test"][name] = {
+                "images": len(images), "test_images": tests.size, "exact": int(t_exact.sum()),
+                "near_duplicate": int((t_sim >= threshold).sum()),
+                "max_similarity": float(t_sim.max()) if len(t_sim) else 0.0}
         exact, sim = index.query(images)
         result["eval_images"] += len(images)
         result["exact"] += int(exact.sum())

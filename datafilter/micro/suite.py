@@ -32,11 +32,12 @@ from datafilter.pool.format import tar_member
 
 log = logging.getLogger(__name__)
 
-SUITE_VERSION = 1
+SUITE_VERSION = 2  # 2: ImageNet with icon classes, train split from the test styles, vocabulary for text-based
 SAMPLES_PER_TAR = 10_000
+VOCABULARY_FILE = "vocabulary.txt"
 
 T_CONCEPT = ("a {c}.", "an emoji of a {c}.", "{c} emoji", "a drawing of a {c}.", "{c} sticker", "{c}",
-             "an illustration of a {c}.", "a picture of a {c}.")
+             "an illustration of a {c}.", "a picture of a {c}.", "{c} icon", "an icon of a {c}.")
 T_FLAG = ("flag of {c}", "the flag of {c}.", "{c} flag", "flag: {c}")
 T_DIGIT = ("the number {c}", "handwritten digit {c}", "a handwritten {c}", "{c}")
 T_GROUP = ("{c} emoji", "an emoji from {c}.", "{c}")
@@ -75,8 +76,9 @@ def plan_tasks(world: World) -> tuple[list[Task], Task]:
     rng = np.random.default_rng([SUITE_VERSION, 7])
     cs = world.concepts
     inet = world.imagenet
-    names = [cs[h].name for h in inet]
-    index = {h: i for i, h in enumerate(inet)}
+    keys = world.imagenet_keys
+    names = [world.imagenet_name(k) for k in keys]
+    index = {k: i for i, k in enumerate(keys)}
     test = st.imagenet_test
     tasks: list[Task] = []
 
@@ -84,29 +86,32 @@ def plan_tasks(world: World) -> tuple[list[Task], Task]:
         return [-1] + [int(rng.integers(0, 2**62)) for _ in range(n - 1)]
 
     t = Task("imagenet", "classification", "imagenet", "acc1",
-             f"{len(inet)} emoji concepts drawn in the {test} style, which the pool never uses", names, T_CONCEPT)
-    for h in inet:
+             f"{len(inet)} emoji concepts drawn in the {test} style and {len(keys) - len(inet)} icons drawn "
+             f"{st.icon_imagenet}, styles the pool never uses", names, T_CONCEPT)
+    for k in keys:
         for s in jitter(r.suite.imagenet_per_class):
-            t.specs.append(("art", emoji_collection(test), h, s))
-            t.labels.append(index[h])
+            t.specs.append(world.imagenet_spec(k, test, s))
+            t.labels.append(index[k])
     tasks.append(t)
 
+    # The train split comes from the test's own distribution, as ImageNet's does: the same styles in other random
+    # placements (the pool's augmentation). Images that are near-copies of a test image are dropped when written.
     ref = Task("imagenet/train", "classification", "imagenet", "acc1",
-               f"reference set: the ImageNet concepts in the {st.imagenet_train} style", names, T_CONCEPT,
-               split="train")
-    for h in inet:
-        if h in world.art[st.imagenet_train]:
+               f"reference set: the ImageNet classes in the {st.imagenet_train} style (icons: {st.icon_imagenet}), "
+               f"{r.suite.reference_per_class} random placements each", names, T_CONCEPT, split="train")
+    for k in keys:
+        if k.startswith("icon:") or k in world.art[st.imagenet_train]:
             for _ in range(r.suite.reference_per_class):
-                ref.specs.append(("art", emoji_collection(st.imagenet_train), h, int(rng.integers(0, 2**62))))
-                ref.labels.append(index[h])
+                ref.specs.append(world.imagenet_spec(k, st.imagenet_train, int(rng.integers(0, 2**62))))
+                ref.labels.append(index[k])
 
     for style in st.shift:
         if style == "clipart":
             t = Task("imagenet_clipart", "classification", "imagenet_shift", "acc1",
                      "openclipart drawings whose title names an ImageNet concept", names, T_CONCEPT)
-            for k, h in sorted(world.clipart_shift_all.items()):
+            for k, key in sorted(world.clipart_shift_all.items()):
                 t.specs.append(("art", "openclipart", k, -1))
-                t.labels.append(index[h])
+                t.labels.append(index[key])
         else:
             t = Task(f"imagenet_{style.replace('-', '_')}", "classification", "imagenet_shift", "acc1",
                      f"the ImageNet concepts in the {style} style", names, T_CONCEPT)
@@ -218,6 +223,15 @@ def plan_tasks(world: World) -> tuple[list[Task], Task]:
     return tasks, ref
 
 
+def concept_vocabulary(world: World) -> list[str]:
+    """Every concept name of the micro world, the text-based filter's class names: the micro counterpart of the
+    ImageNet-21k synsets DataComp's text-based baseline matches, a vocabulary far wider than "ImageNet"'s classes
+    (every emoji concept, every icon name; digits and clip-art titles are not concepts)."""
+    names = {c.name.lower() for c in world.concepts.values()}
+    names |= {i.words.lower() for i in world.icons.values()}
+    return sorted(n for n in names if n.strip())
+
+
 def pool_art_specs(world: World) -> list[tuple]:
     """Every drawing the pool may contain, centred: what evaluation images are checked against."""
     specs = [("art", emoji_collection(s), h, -1) for s, h in world.pool_emoji]
@@ -282,7 +296,7 @@ def build_suite(recipe: Recipe, out: Path, pool_dir: Path | None = None, workers
     tasks, ref = plan_tasks(world)
     pool_specs = pool_art_specs(world)
     _render_all(world, [s for t in tasks + [ref] for s in t.specs] + pool_specs)
-    comp = Composer(world.rendered(), recipe.image_size)
+    comp = Composer(world.rendered(), recipe.image_size, recipe.pool.augment)
 
     log.info("overlap check: %d pool drawings%s", len(pool_specs), f" + pool {pool_dir}" if pool_dir else "")
     pool_imgs, pool_ok = _make(comp, pool_specs)
@@ -294,12 +308,24 @@ def build_suite(recipe: Recipe, out: Path, pool_dir: Path | None = None, workers
     report = {"threshold": recipe.suite.near_duplicate_threshold, "pool_images_checked": index.size,
               "eval_images_checked": 0, "exact": 0, "near_duplicate": 0, "dropped": {}, "render_failed": {},
               "max_similarity_kept": 0.0}
+    # The reference split is checked against every kept test image too: it must hold no test image or near-copy.
+    tests = OverlapIndex(recipe.suite.near_duplicate_threshold)
     entries = []
-    for task in tasks + [ref]:
+    for task in tasks + [ref]:  # the reference split last, once every test image is known
         images, ok = _make(comp, task.specs)
         exact, sim = index.query(images)
         near = sim >= index.threshold
         drop = exact | near
+        if task is ref:
+            t_exact, t_sim = tests.query(images)
+            near_test = t_exact | (t_sim >= tests.threshold)
+            report["reference"] = {"planned": len(images), "near_pool": int(drop.sum()),
+                                   "near_test": int((near_test & ~drop).sum()), "test_images_checked": tests.size,
+                                   "max_test_similarity_kept": 0.0}
+            drop = drop | near_test
+            kept_t = t_sim[~drop] if len(t_sim) else t_sim
+            if len(kept_t):
+                report["reference"]["max_test_similarity_kept"] = float(kept_t.max())
         keep = [bool(k and not d) for k, d in zip(ok, drop)]
         report["eval_images_checked"] += len(images)
         report["exact"] += int(exact.sum())
@@ -319,13 +345,18 @@ def build_suite(recipe: Recipe, out: Path, pool_dir: Path | None = None, workers
         directory = out / task.name.split("/")[0]
         written = write_task_dir(directory, task, images, keep)
         if task is ref:
+            report["reference"]["kept"] = written
             continue
+        tests.add([im for im, k in zip(images, keep) if k])
         entries.append({"name": task.name, "type": task.type, "group": task.group, "metric": task.metric,
                         "path": task.name, "num_samples": written, "num_classes": len(task.classnames) or None,
                         "description": task.description})
+    vocabulary = concept_vocabulary(world)
+    (out / VOCABULARY_FILE).write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
     suite = {"name": recipe.name, "version": SUITE_VERSION, "recipe_version": recipe.version,
              "image_size": recipe.image_size, "tasks": entries,
              "reference_sets": {"imagenet_train": "imagenet/train"},
+             "vocabulary": {"file": VOCABULARY_FILE, "names": len(vocabulary)},
              "styles": {"pool": list(recipe.styles.pool), "imagenet_test": recipe.styles.imagenet_test,
                         "imagenet_train": recipe.styles.imagenet_train, "shift": list(recipe.styles.shift)},
              "overlap": report}

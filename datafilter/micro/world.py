@@ -70,20 +70,75 @@ class World:
             keys = sorted(sorted(keys, key=catalog.split_fraction)[:n], key=lambda h: allc[h].order)
         return {h: allc[h] for h in keys}
 
+    @property
+    def imagenet_icon_count(self) -> int:
+        return int(round(self.recipe.imagenet_classes * self.recipe.imagenet_icon_share))
+
     @cached_property
     def imagenet(self) -> list[str]:
-        """The "ImageNet" classes: concepts drawn in the test style and in at least two pool styles (one if the pool
-        has a single style), flags aside, preferring those the shift styles also draw; in emoji order."""
+        """The emoji "ImageNet" classes: concepts drawn in the test style and in at least two pool styles (one if
+        the pool has a single style), flags aside, preferring those the shift styles also draw; in emoji order."""
         st = self.recipe.styles
         need = min(2, len(st.pool))
         shift = [s for s in st.shift if s != "clipart"]
         cands = [h for h, c in self.concepts.items() if c.group != "flags" and h in self.art[st.imagenet_test]
                  and sum(h in self.art[s] for s in st.pool) >= need]
         cands = self._distinct_in_test_style(cands)
-        ranked = sorted(cands, key=lambda h: (-sum(h in self.art[s] for s in shift + [st.imagenet_train]),
-                                              self.concepts[h].order))
-        chosen = set(ranked[: self.recipe.imagenet_classes])
+        ranked = sorted(cands, key=lambda h: (-sum(h in self.art[s] for s in shift), self.concepts[h].order))
+        chosen = set(ranked[: self.recipe.imagenet_classes - self.imagenet_icon_count])
         return [h for h in cands if h in chosen]
+
+    @cached_property
+    def imagenet_icons(self) -> list[str]:
+        """The icon "ImageNet" classes (tabler names): icons the pool holds in its icon styles and that have a
+        drawing in the ImageNet icon style, which the pool never holds; never a held-out icon, never a name that
+        is also an emoji class or has a number in it, and never one whose ImageNet-style drawing is a near-copy of
+        its pool drawing.
+        Chosen by a fixed hash of the name, so the choice does not depend on the seed."""
+        st = self.recipe.styles
+        emoji_names = {self.concepts[h].name.lower() for h in self.imagenet}
+        pool_names = {self.icons[k].name for k in self.icons_pool}
+        # Names with a number are variants of another icon ("lemon-2", "crop-7-5"), not concepts of their own.
+        cands = sorted({i.name for k, i in self.icons.items() if i.style == st.icon_imagenet and i.name in pool_names
+                        and i.words.lower() not in emoji_names and not any(ch.isdigit() for ch in i.name)},
+                       key=lambda n: catalog.split_fraction("inet:" + n))
+        cands = self._distinct_icon_style(cands)
+        return cands[: self.imagenet_icon_count]
+
+    @property
+    def imagenet_keys(self) -> list[str]:
+        """Every "ImageNet" class in label order: emoji hexcodes, then ``icon:NAME``."""
+        return list(self.imagenet) + [f"icon:{n}" for n in self.imagenet_icons]
+
+    def imagenet_name(self, key: str) -> str:
+        return key[len("icon:"):].replace("-", " ") if key.startswith("icon:") else self.concepts[key].name
+
+    def imagenet_spec(self, key: str, style: str, seed: int) -> tuple:
+        """The image spec of class ``key`` drawn in emoji ``style`` (icon classes: in the ImageNet icon style)."""
+        if key.startswith("icon:"):
+            return ("art", "tabler", f"{key[len('icon:'):]}/{self.recipe.styles.icon_imagenet}", seed)
+        return ("art", emoji_collection(style), key, seed)
+
+    def _distinct_icon_style(self, names: list[str]) -> list[str]:
+        """Drop icons whose ImageNet-style drawing is a near-copy of one of their pool-style drawings."""
+        from datafilter.micro.compose import Composer
+        from datafilter.micro.overlap import fingerprints
+
+        st = self.recipe.styles
+        keys = {n: [f"{n}/{s}" for s in (st.icon_imagenet, *st.icon_pool) if f"{n}/{s}" in self.icons] for n in names}
+        rs = self.render("tabler", sorted({k for ks in keys.values() for k in ks}))
+        comp = Composer({"tabler": rs}, self.recipe.image_size)
+        ok = [n for n in names if f"{n}/{st.icon_imagenet}" in rs]
+        if not ok:
+            return []
+        test = fingerprints([np.asarray(comp.make(("art", "tabler", f"{n}/{st.icon_imagenet}", -1))) for n in ok])
+        best = np.zeros(len(ok), np.float32)
+        for s in st.icon_pool:
+            idx = [i for i, n in enumerate(ok) if f"{n}/{s}" in rs]
+            if idx:
+                fp = fingerprints([np.asarray(comp.make(("art", "tabler", f"{ok[i]}/{s}", -1))) for i in idx])
+                best[idx] = np.maximum(best[idx], (test[idx] * fp).sum(axis=1))
+        return [n for n, b in zip(ok, best) if b < self.recipe.suite.near_duplicate_threshold]
 
     def _distinct_in_test_style(self, cands: list[str]) -> list[str]:
         """Drop concepts whose test-style drawing is a near-copy of one of their pool-style drawings (simple symbols
@@ -125,7 +180,9 @@ class World:
 
     @cached_property
     def icons_pool(self) -> list[str]:
-        return [k for k, v in self.icons.items() if not self.icon_held_out(v)]
+        """Icons the pool may contain: not held out, and drawn in one of the pool's icon styles."""
+        styles = set(self.recipe.styles.icon_pool)
+        return [k for k, v in self.icons.items() if not self.icon_held_out(v) and v.style in styles]
 
     @cached_property
     def icons_test(self) -> list[str]:
@@ -166,12 +223,12 @@ class World:
 
     @cached_property
     def clipart_shift_all(self) -> dict[str, str]:
-        """Clip art whose title names an ImageNet concept -> that concept: the clip-art shift set, never pooled."""
+        """Clip art whose title names an ImageNet class -> that class's key: the clip-art shift set, never pooled."""
         if "clipart" not in self.recipe.styles.shift:
             return {}
         names = {}
-        for h in self.imagenet:
-            names.setdefault(_title_key(self.concepts[h].name), h)
+        for key in self.imagenet_keys:
+            names.setdefault(_title_key(self.imagenet_name(key)), key)
         out = {}
         for k, a in self.all_clipart.items():
             t = _title_key(a.title)
