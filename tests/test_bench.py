@@ -1,6 +1,7 @@
 """The whole benchmark on the nano pool: every stage runs, the table has DataComp's columns, and a rerun reuses work."""
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,50 @@ def test_table_mean_and_std_over_seeds():
     assert entry["ImageNet"] == pytest.approx(15.0)
     assert entry["ImageNet std"] == pytest.approx(np.std([10.0, 20.0], ddof=1))
     assert "15.0 ± 7.1" in markdown([entry])
+
+
+def test_rank_agreement_with_published_numbers():
+    from datafilter.bench.published import agreement, describe_agreement
+
+    # Same order: both coefficients are 1. Reversed: -1.
+    a = agreement([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0])
+    assert a["spearman"] == pytest.approx(1.0) and a["kendall"] == pytest.approx(1.0) and a["rows"] == 4
+    assert agreement([4.0, 3.0, 2.0, 1.0], [10.0, 20.0, 30.0, 40.0])["kendall"] == pytest.approx(-1.0)
+    # One swapped pair of five: Kendall (C - D) / 10 = (9 - 1) / 10; Spearman 1 - 6 * 2 / (5 * 24).
+    a = agreement([1.0, 2.0, 4.0, 3.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert a["kendall"] == pytest.approx(0.8) and a["spearman"] == pytest.approx(0.9)
+    # Ties in the published column (two rows at 16.1) are shared ranks: tau-b, not tau-a.
+    a = agreement([12.0, 14.0, 15.0, 16.0], [13.2, 15.8, 16.1, 16.1])
+    assert a["kendall"] == pytest.approx(5 / np.sqrt(6 * 5))
+    assert "4 rows are few" in describe_agreement(a, "X")
+    few = agreement([1.0, 2.0], [1.0, 2.0])
+    assert few["spearman"] is None and "at least three rows" in describe_agreement(few, "X")
+
+
+def test_table_shows_published_rows_chance_and_one_seed_honestly(tmp_path):
+    from dataclasses import asdict
+
+    from datafilter.bench.published import published_table
+    from datafilter.bench.table import write_tables
+
+    table = published_table("datacomp_small")
+    tasks = {"imagenet": {"group": "imagenet", "chance": 0.001, "num_samples": 1000},
+             "mnist": {"group": "vtab", "chance": 0.1, "num_samples": 500},
+             "flags": {"group": "vtab", "chance": 0.02, "num_samples": 100}}
+    rows = [{"filter": label, "seed": 0, "size": size, "groups": {c: v for c in COLUMNS}, "tasks": {},
+             "published": asdict(table.row(key)) if key else None}
+            for label, size, v, key in (("None", 100, 0.10, "no_filtering"), ("Random", 30, 0.11, None),
+                                        ("CLIP", 30, 0.15, "clip_score_30"), ("D2", 30, 0.16, "d2_pruning"))]
+    paths = write_tables(rows, tmp_path, title="t", tasks=tasks, published=table)
+    md = (tmp_path / "results.md").read_text()
+    assert "one training seed per row, so no standard deviation is shown" in md and "±" not in md
+    assert "| None | 100 | 10.0 | 10.0 | 10.0 | 10.0 | 10.0 | 13.2 |" in md  # the published Average beside ours
+    assert "| Random | 30 | 11.0 | 11.0 | 11.0 | 11.0 | 11.0 | - |" in md
+    assert "| *chance* | | 0.1 | - | 6.0 | - | 4.0 |" in md  # a column's chance is the mean of its tasks'
+    assert "1,000 (1)" in md and "600 (2)" in md and "1,600 (3)" in md
+    agree = json.loads((tmp_path / "agreement.json").read_text())
+    assert agree["rows"] == 3 and agree["labels"] == ["None", "CLIP", "D2"] and agree["spearman"] == pytest.approx(1)
+    assert "Spearman 1.00" in md and Path(paths["plot"]).stat().st_size > 0
 
 
 def test_config_errors_are_named(tmp_path):

@@ -279,6 +279,12 @@ def test_reference_sets_embedded_into_the_pools_space(tmp_path, nano):
     mtime = out["shapes_train"].stat().st_mtime_ns
     embed_reference_sets(pool, nano, suite, cfg=CFG)  # already there: not redone
     assert out["shapes_train"].stat().st_mtime_ns == mtime
+    # Other images under the same name (a rebuilt suite) are embedded again, not silently reused.
+    other = tmp_path / "suite2"
+    _write_reference(other / "ref" / "train", [[(images[4], 4), (images[0], 3)]])
+    other.joinpath("suite.json").write_text(json.dumps({"reference_sets": {"shapes_train": "ref/train"}}))
+    embed_reference_sets(pool, nano, other, cfg=CFG)
+    assert store.reference("shapes_train")[1].tolist() == [4, 3]
 
 
 def test_score_column_and_space_names():

@@ -175,6 +175,28 @@ def test_d2_forward_and_reverse_on_a_hand_computed_graph():
     assert picked[0] == 3 and picked[1] == int(np.argmax(g2))
 
 
+def test_d2_with_one_neighbour_on_a_hand_computed_graph():
+    """The authors' DataComp recipe (k = 1, gamma = beta = 1): a near-duplicate pair keeps one member, and a
+    low-score sample far from everything picked is kept before a higher-score neighbour of a picked one."""
+    s = np.array([0.30, 0.28, 0.10, 0.25, 0.05])  # CLIP score + offset
+    nbrs = np.array([[1], [0], [3], [2], [3]])  # 0 <-> 1 (near-duplicates), 2 <-> 3, 4 -> 3
+    d = np.array([[0.01], [0.01], [0.5], [0.5], [2.0]])
+    g = forward_pass(s, nbrs, d, gamma=1.0)
+    assert np.allclose(g, [0.30 + 0.28 * np.exp(-0.01), 0.28 + 0.30 * np.exp(-0.01), 0.10 + 0.25 * np.exp(-0.5),
+                           0.25 + 0.10 * np.exp(-0.5), 0.05 + 0.25 * np.exp(-2.0)])
+    # 0 first (0.5772); it lowers 1 to 0.5770 - e^-0.01 * 0.5772 = 0.0055. Then 3 (0.3107), which lowers 2 to
+    # 0.2516 - e^-0.5 * 0.3107 = 0.0632. Then 4 (0.0838) beats 2 (0.0632) and 1 (0.0055).
+    assert reverse_pass(g, nbrs, d, beta=1.0, budget=3).tolist() == [0, 3, 4]
+    assert reverse_pass(g, nbrs, d, beta=1.0, budget=5).tolist() == [0, 3, 4, 2, 1]
+
+
+def test_d2_defaults_are_the_authors_datacomp_recipe():
+    from datafilter.filters.builtin.d2 import D2Config
+
+    c = D2Config()
+    assert (c.features, c.k, c.gamma, c.beta, c.score_offset, c.fraction) == ("image_text", 1, 1.0, 1.0, 0.115, 0.3)
+
+
 def naive_reverse(g, nbrs, d, beta, budget):
     g = g.astype(np.float64).copy()
     taken = np.zeros(len(g), bool)

@@ -49,7 +49,12 @@ def test_scorer_is_trained_cached_evaluated_and_found(tmp_path, capsys, caplog):
     assert spec == ModelSpec("datafilter-nano-vit", checkpoint=str(ckpt))
     assert load_model(spec).checkpoint_id == stored["checkpoint_sha256"]
 
-    # Same pool and recipe: found, not retrained. Another recipe: another cache entry, and the newest is the default.
+    # Same pool and recipe: found, not retrained, and not evaluated again on the same suite.
+    zeroshot = tmp_path / "cache" / "scorer" / info["key"] / "zeroshot.json"
+    mtime = zeroshot.stat().st_mtime_ns
+    assert train_scorer(pool, suite, tiny_recipe())["created"] == stored["created"]
+    assert zeroshot.stat().st_mtime_ns == mtime
+    # Another recipe: another cache entry, and the newest is the default.
     assert train_scorer(pool, None, tiny_recipe())["created"] == stored["created"]
     with caplog.at_level("INFO", logger="datafilter.train.scorer"):
         other = train_scorer(pool, None, tiny_recipe(seed=1), threads=1)

@@ -49,19 +49,23 @@ class BenchPaths:
         return self.bench / "runs" / f"{entry.slug}-seed{seed}-{key}"
 
 
-def _recipe_tag(recipe_path: str) -> str:
-    """NAME-HASH of a recipe: built pools and suites carry it, so an edited recipe never mixes with an old build."""
+def _recipe_tag(recipe_path: str, what: str) -> str:
+    """NAME-HASH of what decides a built pool (the recipe without its suite section) or suite (the whole recipe and
+    the suite builder's version): an edited recipe never mixes with an old build, and suite settings alone never
+    rebuild the pool."""
     from datafilter.micro.recipe import load_recipe
+    from datafilter.micro.suite import SUITE_VERSION
 
     recipe = load_recipe(recipe_path)
-    return f"{recipe.name}-{stable_hash(recipe.to_dict(), 8)}"
+    key = recipe.pool_settings() if what == "pool" else {"recipe": recipe.to_dict(), "suite_version": SUITE_VERSION}
+    return f"{recipe.name}-{stable_hash(key, 8)}"
 
 
 def _built_pool(recipe_path: str, work: Path, workers: int) -> Path:
     from datafilter.micro.poolbuild import build_pool
     from datafilter.micro.recipe import load_recipe
 
-    out = work / "pools" / _recipe_tag(recipe_path)
+    out = work / "pools" / _recipe_tag(recipe_path, "pool")
     if not (out / "build.json").exists():
         build_pool(load_recipe(recipe_path), out, workers=workers)
     return out
@@ -71,7 +75,7 @@ def _built_suite(recipe_path: str, work: Path, pool_dir: Path, workers: int) -> 
     from datafilter.micro.recipe import load_recipe
     from datafilter.micro.suite import build_suite
 
-    out = work / "suites" / _recipe_tag(recipe_path)
+    out = work / "suites" / _recipe_tag(recipe_path, "suite")
     if not (out / "suite.json").exists():
         build_suite(load_recipe(recipe_path), out, pool_dir=pool_dir, workers=workers)
     return out
@@ -81,9 +85,8 @@ def paths_for(cfg: BenchConfig, work: Path) -> BenchPaths:
     pool = Path(cfg.pool) if cfg.pool else None
     suite = Path(cfg.suite) if cfg.suite else None
     if pool is None or suite is None:
-        tag = _recipe_tag(cfg.recipe)
-        pool = pool or work / "pools" / tag
-        suite = suite or work / "suites" / tag
+        pool = pool or work / "pools" / _recipe_tag(cfg.recipe, "pool")
+        suite = suite or work / "suites" / _recipe_tag(cfg.recipe, "suite")
     return BenchPaths(work, pool, suite, work / "bench" / cfg.name)
 
 

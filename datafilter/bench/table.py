@@ -94,7 +94,7 @@ def markdown(summary: Sequence[dict[str, Any]], title: str = "", facts: Mapping[
         lines.append("| " + " | ".join(cells) + " |")
     if facts:
         pad = [""] if with_pub else []
-        lines.append("| *chance* | | " + " | ".join(f"{facts[c]['chance']:.1f}" for c in COLUMNS) + " |"
+        lines.append("| *chance* | | " + " | ".join(_fmt(facts[c]["chance"], float("nan")) for c in COLUMNS) + " |"
                      + "".join(f" {p} |" for p in pad))
         lines.append("| *test images (tasks)* | | " + " | ".join(
             f"{facts[c]['test_images']:,} ({facts[c]['tasks']})" for c in COLUMNS) + " |"

@@ -8,7 +8,8 @@ embedded by the same model as the pool. A suite lists its reference sets in ``su
 Each entry is a folder in CLIP_benchmark's webdataset layout: ``nshards.txt`` and ``0.tar``, ``1.tar``, ... with
 samples ``KEY.png|webp|jpg`` + ``KEY.cls`` (the class index). The result is
 ``POOL/embeddings/SPACE/reference/NAME.npy`` (float16, L2-normalised) and ``NAME_labels.npy`` (int64), row-aligned;
-images that cannot be decoded are left out and counted in ``NAME.json``. A set already embedded is not redone.
+images that cannot be decoded are left out and counted in ``NAME.json``, with the content hash of the shards it was
+made from: a set already embedded from the same images is not redone, one embedded from other images is.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from datafilter.common.files import read_json
+from datafilter.common.files import read_json, sha256_file, stable_hash
 from datafilter.embed.pipeline import EmbedConfig, Embedder, cpu_threads, default_space, space_info
 from datafilter.embed.shards import reference_rows
 from datafilter.embed.store import EmbeddingError, EmbeddingStore
@@ -43,13 +44,23 @@ def suite_reference_sets(suite_dir: str | Path) -> dict[str, Path]:
     return {str(name): suite_dir / rel for name, rel in sets.items()}
 
 
+def reference_source_id(tars: list[Path]) -> str:
+    """The content hash of a reference set's shards: an embedded set is reused only for the same images."""
+    return stable_hash([sha256_file(t) for t in tars])
+
+
 def embed_reference_set(store: EmbeddingStore, name: str, folder: Path, embedder: Embedder) -> Path:
-    """Embed one reference set into ``store`` (skipped when already there); returns the embeddings file."""
-    out = store.reference_paths(name)[0]
-    if store.has_reference(name):
-        log.info("reference set %s already embedded in %s", name, store.space)
-        return out
+    """Embed one reference set into ``store`` (skipped when the same images are already there); returns the
+    embeddings file."""
+    out, _, stats_path = store.reference_paths(name)
     tars = webdataset_shards(folder, f"reference set {name}")
+    source_id = reference_source_id(tars)
+    if store.has_reference(name):
+        if stats_path.exists() and read_json(stats_path).get("source_id") == source_id:
+            log.info("reference set %s already embedded in %s", name, store.space)
+            return out
+        log.info("reference set %s in %s was embedded from other images; embedding %s again", name, store.space,
+                 folder)
     parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {i: [] for i in range(len(tars))}
     invalid: Counter = Counter()
     with tqdm(desc=f"reference {name}", unit="image", unit_scale=True, disable=not embedder.cfg.progress) as bar:
@@ -65,7 +76,8 @@ def embed_reference_set(store: EmbeddingStore, name: str, folder: Path, embedder
     dim = embedder.model.embed_dim
     image = np.concatenate([c[1] for c in chunks]) if chunks else np.empty((0, dim), np.float32)
     labels = np.concatenate([c[2] for c in chunks]) if chunks else np.empty(0, np.int64)
-    stats = {"source": str(folder), "images": int(len(labels)), "invalid": dict(sorted(invalid.items()))}
+    stats = {"source": str(folder), "source_id": source_id, "images": int(len(labels)),
+             "invalid": dict(sorted(invalid.items()))}
     store.write_reference(name, image, labels, stats)
     log.info("reference set %s: %d images embedded, %d skipped %s", name, len(labels), sum(invalid.values()),
              dict(invalid) or "")

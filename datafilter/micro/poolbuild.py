@@ -252,7 +252,7 @@ def build_pool(recipe: Recipe, out: Path, workers: int = 2) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    request = {"recipe": recipe.name, "seed": recipe.seed, "key": stable_hash(recipe.to_dict())}
+    request = {"recipe": recipe.name, "seed": recipe.seed, "key": stable_hash(recipe.pool_settings())}
     request_path = out / "build_request.json"
     if request_path.exists() and read_json(request_path) != request:
         raise RecipeError(f"{out} holds (part of) a build of another recipe or seed ({request_path}); choose another "

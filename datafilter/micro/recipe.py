@@ -115,6 +115,13 @@ class Recipe:
         d.pop("path")
         return d
 
+    def pool_settings(self) -> dict[str, Any]:
+        """What decides a pool's bytes: the recipe without its suite section (the suite's settings change only the
+        suite, so editing them must not rebuild the pool)."""
+        d = self.to_dict()
+        d.pop("suite")
+        return d
+
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)

@@ -111,9 +111,13 @@ def evaluate_scorer(folder: str | Path, suite_dir: str | Path, device: str = "au
 
     folder = Path(folder)
     info = read_json(folder / SCORER_FILE)
+    suite = load_suite(suite_dir)
+    done = info.get("zeroshot") or {}
+    if done.get("checkpoint_id") == info["checkpoint_sha256"] and done.get("suite", {}).get("id") == suite.suite_id:
+        return info  # already evaluated on this very suite
     spec = ModelSpec(info["model"], checkpoint=str(folder / info["checkpoint"]))
     model = load_model(spec, device=pick_device(device))
-    results = evaluate_suite(model, load_suite(suite_dir), out=folder / "zeroshot.json", checkpoint=spec.checkpoint)
+    results = evaluate_suite(model, suite, out=folder / "zeroshot.json", checkpoint=spec.checkpoint)
     info["zeroshot"] = results
     write_json(folder / SCORER_FILE, info)
     return info
