@@ -366,7 +366,8 @@ def test_ivf_knn_pads_rows_with_too_few_candidates(monkeypatch):
 
 
 # --- SemDeDup ---------------------------------------------------------------------------------------------------------
-def test_semdedup_drops_planted_pairs_like_brute_force():
+@pytest.mark.parametrize("compare", ["any", "kept"])
+def test_semdedup_drops_planted_pairs_like_brute_force(compare):
     rng = np.random.default_rng(9)
     n = 120
     view, arr = array_view(n, seed=9, dim=16)
@@ -374,13 +375,14 @@ def test_semdedup_drops_planted_pairs_like_brute_force():
     for a, b in [(1, 2), (10, 40), (41, 42), (42, 43)]:  # a chain 41-42-43 as well
         base[b] = unit(base[a][None] + 0.01 * rng.normal(size=(1, 16)))[0]
     view = FilterView(arr["uids"], image=base.astype(np.float16), text=arr["text"].astype(np.float16))
-    res = run("semdedup", view, clusters=1, eps=0.01)
+    res = run("semdedup", view, clusters=1, eps=0.01, compare=compare)
     x = base.astype(np.float16).astype(np.float32)
     c = x.mean(0)  # one cluster: its centroid is the mean
     order = np.lexsort((np.arange(n), x @ c / np.linalg.norm(c)))
     kept: list[int] = []
-    for i in order:
-        if all(float(x[i] @ x[j]) <= 0.99 for j in kept):
+    for pos, i in enumerate(order):
+        earlier = kept if compare == "kept" else order[:pos]  # the paper: any earlier member, kept or not
+        if all(float(x[i] @ x[j]) <= 0.99 for j in earlier):
             kept.append(i)
     assert np.array_equal(res.uids, sort_uids(arr["uids"][np.sort(kept)]))
     assert 3 <= res.counts["near_duplicate"] <= 4
@@ -392,14 +394,19 @@ def test_semdedup_blocks_do_not_change_the_result():
     rng = np.random.default_rng(15)
     x = unit(rng.normal(size=(50, 8)))
     x[20:30] = unit(x[:10] + 0.05 * rng.normal(size=(10, 8)))
+    x[30:35] = unit(x[20:25] + 0.05 * rng.normal(size=(5, 8)))  # chains: the two rules differ
     x = x.astype(np.float32)
-    kept: list[int] = []
-    for i in range(50):
-        if all(float(x[i] @ x[j]) <= 0.97 for j in kept):
-            kept.append(i)
-    expected = np.isin(np.arange(50), kept)
-    assert 0 < (~expected).sum() and np.array_equal(dedup_cluster(x, 0.97, block=7), expected)
-    assert np.array_equal(dedup_cluster(x, 0.97), expected)
+    for compare in ("kept", "any"):
+        kept: list[int] = []
+        for i in range(50):
+            earlier = kept if compare == "kept" else range(i)
+            if all(float(x[i] @ x[j]) <= 0.97 for j in earlier):
+                kept.append(i)
+        expected = np.isin(np.arange(50), kept)
+        assert 0 < (~expected).sum()
+        assert np.array_equal(dedup_cluster(x, 0.97, block=7, compare=compare), expected)
+        assert np.array_equal(dedup_cluster(x, 0.97, compare=compare), expected)
+    assert (dedup_cluster(x, 0.97, compare="any") <= dedup_cluster(x, 0.97, compare="kept")).all()
 
 
 # --- negCLIPLoss, NormSim, VAE ----------------------------------------------------------------------------------------
@@ -649,7 +656,8 @@ def test_cli_show_plugin_with_required_config_field(monkeypatch, capsys):
 
 
 def test_view_from_datacomp_metadata_runs_the_same_filters(tmp_path):
-    """DataComp's released layout (parquet + npz with b32/l14 arrays) feeds the filters unchanged."""
+    """DataComp's released layout (parquet + npz with b32/l14 arrays) feeds the filters unchanged. CLIP score reads
+    the score column only, as DataComp's baseline does; a filter that reads embeddings finds the zero vector."""
     import pyarrow.parquet as pq
 
     view, arr = array_view(60, seed=13)
@@ -663,10 +671,10 @@ def test_view_from_datacomp_metadata_runs_the_same_filters(tmp_path):
                  l14_txt=arr["text"][lo:hi].astype(np.float16))
     dc = FilterView.from_datacomp(tmp_path, "l14")
     res = run("clip_score", dc, fraction=0.5)
-    s = arr["score"].copy()
-    s[5] = np.nan
-    assert np.array_equal(res.uids, sort_uids(arr["uids"][top_fraction_mask(s, 0.5)]))
-    assert res.counts["no_embedding"] == 1
+    assert np.array_equal(res.uids, sort_uids(arr["uids"][top_fraction_mask(arr["score"], 0.5)]))
+    assert "image" not in dc._cache and "text" not in dc._cache  # no embedding was read
+    neg = run("negclip", dc, fraction=0.5, batch_size=1000)
+    assert neg.counts["no_embedding"] == 1 and not np.isin(arr["uids"][5], neg.uids)
 
 
 def test_d2_reverse_pass_ignores_missing_neighbours():

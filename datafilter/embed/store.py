@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -152,7 +152,7 @@ class EmbeddingStore:
             raise EmbeddingError(f"shard {shard.name} of {self.pool.path} has no embeddings in space "
                                  f"'{self.space}' ({self.paths(shard)[2]} missing)")
 
-    def _load(self, shard: Shard, which: int) -> np.ndarray:
+    def _load(self, shard: Shard, which: int, info: SpaceInfo | None = None) -> np.ndarray:
         self._require(shard)
         path = self.paths(shard)[which]
         try:
@@ -161,7 +161,7 @@ class EmbeddingStore:
             raise EmbeddingError(f"{path}: unreadable embeddings ({exc})") from None
         if arr.ndim != 2 or arr.shape[0] != shard.num_samples:
             raise EmbeddingError(f"{path}: shape {arr.shape} but {shard.parquet.name} has {shard.num_samples} rows")
-        info = self.info
+        info = info or self.info
         if arr.shape[1] != info.dim or arr.dtype != np.float16:
             raise EmbeddingError(f"{path}: {arr.dtype} vectors of width {arr.shape[1]}, but space '{self.space}' holds "
                                  f"float16 vectors of width {info.dim} from {info.model}; the file is from another "
@@ -206,24 +206,176 @@ class EmbeddingStore:
         return emb, labels
 
     # --- whole pool ------------------------------------------------------------------------------------------------
-    def _concat(self, which: int) -> np.ndarray:
+    def _sharded(self, which: int) -> np.ndarray:
         shards = self.pool.shards
+        missing = self.missing()
+        if missing:
+            self._require(missing[0])
+        info = self.info
         if len(shards) == 1:
-            return self._load(shards[0], which)
-        out = np.empty((self.pool.num_samples, self.info.dim), dtype=np.float16)
-        for shard, lo in zip(shards, self.pool.offsets[:-1]):
-            part = self._load(shard, which)
-            out[lo : lo + len(part)] = part
-            del part  # unmapped here: the pages it read leave this process's memory one shard at a time
-        return out
+            return self._load(shards[0], which, info)
+        arr = ShardedArray([s.num_samples for s in shards], info.dim, lambda i: self._load(shards[i], which, info),
+                           name=str(self.dir))
+        for i in range(len(shards)):  # opening a memory map reads its header: a bad file fails here, not later
+            arr.shard(i)
+        return arr
 
     def all_image(self) -> np.ndarray:
-        """Image embeddings of the whole pool in pool order (memory-mapped when the pool has one shard)."""
-        return self._concat(0)
+        """Image embeddings of the whole pool in pool order: the per-shard memory maps seen as one array
+        (``ShardedArray``), never joined in memory."""
+        return self._sharded(0)
 
     def all_text(self) -> np.ndarray:
-        return self._concat(1)
+        return self._sharded(1)
 
     def all_scores(self) -> pa.Table:
         """uid, valid and the score column for the whole pool, in pool order."""
         return pa.concat_tables([self.scores(s) for s in self.pool.shards])
+
+
+class ShardedArray:
+    """Row-aligned per-shard ``[rows_i, dim]`` arrays seen as one read-only ``[sum(rows_i), dim]`` array.
+
+    A pool's embeddings live in one file per shard; joining them would hold the whole pool in memory (20 GB of
+    float16 per L/14 modality at DataComp's small scale). Here each shard's array is opened on first use by
+    ``open_shard(i)`` (a memory map, whose pages the kernel reads and drops as needed) and indexing by rows (an int,
+    a slice, an int or bool array) gathers from the shards that hold them into a new array. A shard whose loader
+    returns an array in memory (not a memory map) is kept only until another such shard is opened, so at most one
+    of them is held. ``np.asarray`` on the whole array joins it (for small pools and tests only).
+    """
+
+    ndim = 2
+
+    def __init__(self, rows: Sequence[int], dim: int, open_shard: Callable[[int], np.ndarray],
+                 dtype: Any = np.float16, name: str = ""):
+        self.rows = [int(r) for r in rows]
+        self.offsets = np.concatenate([[0], np.cumsum(self.rows)]).astype(np.int64)
+        self.shape = (int(self.offsets[-1]), int(dim))
+        self.dtype = np.dtype(dtype)
+        self.name = name
+        self._open_shard = open_shard
+        self._maps: dict[int, np.ndarray] = {}
+        self._loaded: tuple[int, np.ndarray] | None = None
+
+    def __repr__(self) -> str:
+        return f"ShardedArray({self.name!r}, shards={len(self.rows)}, shape={self.shape}, dtype={self.dtype})"
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.rows)
+
+    def shard(self, i: int) -> np.ndarray:
+        """Shard ``i``'s array (opened and checked on first use)."""
+        if i in self._maps:
+            return self._maps[i]
+        if self.rows[i] == 0:  # nothing to read (and an empty file cannot be memory-mapped)
+            return np.empty((0, self.shape[1]), self.dtype)
+        if self._loaded is not None and self._loaded[0] == i:
+            return self._loaded[1]
+        arr = self._open_shard(i)
+        if arr.ndim != 2 or arr.shape != (self.rows[i], self.shape[1]):
+            raise EmbeddingError(f"{self.name}: shard {i} has shape {arr.shape}, expected ({self.rows[i]}, "
+                                 f"{self.shape[1]})")
+        if isinstance(arr, np.memmap):
+            self._maps[i] = arr
+        else:
+            self._loaded = (i, arr)
+        return arr
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        raise ValueError("embeddings are read-only")
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def astype(self, dtype: Any) -> np.ndarray:
+        """The whole array joined in memory, as ``dtype`` (small pools and tests only)."""
+        return np.asarray(self, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, tuple):
+            rows, *cols = key
+            return self[rows][(slice(None), *cols)]
+        n = self.shape[0]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (n if key < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"row {key} out of range for {n} rows")
+            s = int(np.searchsorted(self.offsets, i, "right") - 1)
+            return np.array(self.shard(s)[i - self.offsets[s]])
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step == 1:
+                return self._range(start, max(start, stop))
+            key = np.arange(start, stop, step)
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(f"boolean index of shape {idx.shape} for {n} rows")
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64, copy=False).ravel()
+        if len(idx) and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        idx = np.where(idx < 0, idx + n, idx)
+        return self._gather(idx)
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, self.shape[1]), self.dtype)
+        first = int(np.searchsorted(self.offsets, start, "right") - 1)
+        pos = start
+        s = first
+        while pos < stop:
+            lo, hi = self.offsets[s], self.offsets[s + 1]
+            end = min(stop, hi)
+            if end > pos:
+                out[pos - start:end - start] = self.shard(s)[pos - lo:end - lo]
+            pos = end
+            s += 1
+        return out
+
+    def _gather(self, idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), self.shape[1]), self.dtype)
+        if not len(idx):
+            return out
+        shard_of = np.searchsorted(self.offsets, idx, "right") - 1
+        order = np.argsort(shard_of, kind="stable")
+        bounds = np.searchsorted(shard_of[order], np.arange(len(self.rows) + 1))
+        for s in np.flatnonzero(np.diff(bounds)):
+            pos = order[bounds[s]:bounds[s + 1]]
+            local = idx[pos] - self.offsets[s]
+            arr = self.shard(int(s))
+            if local[-1] - local[0] + 1 == len(local) and (len(local) < 2 or (np.diff(local) == 1).all()):
+                out[pos] = arr[local[0]:local[-1] + 1]  # a run of consecutive rows: one copy, no index
+            else:
+                out[pos] = arr[local]
+        return out
+
+
+def usable_mask(block: np.ndarray) -> np.ndarray:
+    """Rows of a float block that are embeddings: finite and not zero (DataComp marks a missing one with zeros,
+    this project with NaN)."""
+    block = np.asarray(block, np.float32)
+    return np.isfinite(block).all(axis=1) & (np.einsum("nd,nd->n", block, block) > 0)
+
+
+def usable_rows(arrays: Sequence[Any], chunk: int = 65536) -> np.ndarray:
+    """``usable_mask`` over whole row-aligned arrays (``ShardedArray`` or numpy), read shard by shard and chunk by
+    chunk, so memory stays one float32 chunk."""
+    n = len(arrays[0])
+    ok = np.ones(n, bool)
+    for arr in arrays:
+        pieces = ([(lo, arr.shard(s)) for s, lo in enumerate(arr.offsets[:-1])] if isinstance(arr, ShardedArray)
+                  else [(0, arr)])
+        for lo, part in pieces:
+            for s in range(0, len(part), chunk):
+                block = part[s:s + chunk]
+                ok[lo + s:lo + s + len(block)] &= usable_mask(block)
+    return ok

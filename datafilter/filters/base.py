@@ -89,9 +89,10 @@ class Filter:
             self.timings[name] = self.timings.get(name, 0.0) + end - start
             log.info("%s: %s took %.2f s", self.name, name, self.timings[name])
 
-    def drop_invalid(self, view: FilterView) -> np.ndarray:
-        """The valid mask, counting rows without embeddings as ``no_embedding``."""
-        valid = view.valid
+    def drop_invalid(self, view: FilterView, *kinds: str) -> np.ndarray:
+        """The rows with usable embeddings of ``kinds`` (``image``, ``text``; none: ``view.valid``), counting the
+        others as ``no_embedding``. Name only the kinds the filter reads: checking a kind may read its arrays."""
+        valid = view.usable(*kinds)
         self.drop("no_embedding", int((~valid).sum()))
         return valid
 

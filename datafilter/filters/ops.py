@@ -1,14 +1,21 @@
 """Numerical building blocks shared by the built-in filters: global quantiles, chunked float32 reads of float16
-embeddings, k-means and nearest-centroid assignment, and kNN graphs (faiss, threads = free cores)."""
+embeddings, k-means, nearest-centroid assignment (exhaustive or by inverted lists), kNN graphs (faiss and BLAS,
+threads = free cores), memory checks and working arrays on disk for inputs larger than memory."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from datafilter.common.launch import free_cores
+
+log = logging.getLogger(__name__)
 
 CHUNK = 32768
 
@@ -54,29 +61,171 @@ def gather_float32(arr: np.ndarray, rows: np.ndarray, chunk: int = CHUNK) -> np.
     return out
 
 
-def kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, spherical: bool = False) -> np.ndarray:
+def gpu_count() -> int:
+    """GPUs faiss can use (0 with the CPU-only faiss wheel)."""
+    faiss = faiss_threads()
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:
+        return 0
+
+
+def kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, spherical: bool = False, gpu: bool = False
+           ) -> np.ndarray:
     """faiss k-means on float32 ``x`` with every point used (faiss would otherwise subsample to 256 per centroid;
-    choosing a sample is the caller's documented decision). Returns ``[k, d]`` float32 centroids."""
+    choosing a sample is the caller's documented decision), on the GPUs when ``gpu`` and faiss sees any (DataComp
+    clusters on GPUs). Returns ``[k, d]`` float32 centroids."""
     faiss = faiss_threads()
     k = max(1, min(k, len(x)))
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, verbose=False,
+    use_gpu = bool(gpu) and gpu_count() > 0
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, verbose=False, gpu=use_gpu,
                       max_points_per_centroid=max(1, (len(x) + k - 1) // k) + 1, min_points_per_centroid=1)
     km.train(np.ascontiguousarray(x, np.float32))
     return np.asarray(km.centroids, np.float32)
 
 
+def available_memory() -> int:
+    """Bytes of memory the kernel says a new allocation can get without swapping (``MemAvailable``)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(nbytes: float, what: str, hint: str = "") -> None:
+    """Refuse, before the work starts, a step that needs more memory than is available (a swap storm or the OOM
+    killer would come hours later)."""
+    avail = available_memory()
+    if nbytes > 0.9 * avail:
+        raise ValueError(f"{what} needs {nbytes / 2**30:.1f} GiB of memory and {avail / 2**30:.1f} GiB are "
+                         f"available{'; ' + hint if hint else ''}")
+
+
+def check_disk(path: Path, nbytes: float, what: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if nbytes > free:
+        raise ValueError(f"{what} needs {nbytes / 2**30:.1f} GiB of disk in {path} and {free / 2**30:.1f} GiB are "
+                         "free; free space or choose another work directory (--workdir)")
+
+
+# Below this many vectors an exhaustive search is as fast as inverted lists (and exact).
+IVF_MIN_VECTORS = 16384
+
+
+class InnerProductIndex:
+    """For each query, the vector of a fixed set (k-means centroids, a target set) with the largest inner product:
+    DataComp's nearest-centroid rule, at a cost that makes 100k centroids feasible on a CPU.
+
+    ``exact``: every vector is compared (faiss's flat index; ties go to the lowest index). ``ivf``: k-means splits
+    the vectors into ``nlist`` groups (0: about 3.2 sqrt(k), 1,012 for 100k centroids); a query is compared exactly
+    with the members of the ``nprobe`` groups whose centres have the largest inner products with it, so its answer
+    differs from the exact one only when its best vector lies in a group not probed (``recall`` measures how often
+    on a sample). Each group's members meet all the queries of a chunk that probe it in one matrix product, a
+    thread per free core. ``auto``: ``exact`` below ``IVF_MIN_VECTORS`` vectors, else ``ivf``.
+    """
+
+    def __init__(self, vectors: np.ndarray, *, method: str = "auto", nlist: int = 0, nprobe: int = 32,
+                 seed: int = 0, niter: int = 10):
+        faiss = faiss_threads()
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        k, d = vectors.shape
+        if method == "auto":
+            method = "exact" if k < IVF_MIN_VECTORS else "ivf"
+        if method not in ("exact", "ivf"):
+            raise ValueError(f"unknown assignment method {method!r} (auto, exact, ivf)")
+        self.method, self.k, self.dim = method, k, d
+        self.flat = faiss.IndexFlatIP(d)
+        self.flat.add(vectors)
+        if method == "ivf":
+            nlist = min(k, nlist or max(1, int(round(3.2 * np.sqrt(k)))))
+            centres = kmeans(vectors, nlist, niter=niter, seed=seed)
+            coarse = faiss.IndexFlatL2(d)
+            coarse.add(centres)
+            group = coarse.search(vectors, 1)[1][:, 0]
+            order = np.argsort(group, kind="stable")  # members of a group in increasing index order
+            self.bounds = np.searchsorted(group[order], np.arange(nlist + 1))
+            self.members = order
+            self.grouped = np.ascontiguousarray(vectors[order])
+            self.centres = np.ascontiguousarray(centres, np.float32)
+            self.nlist, self.nprobe = nlist, max(1, min(nprobe, nlist))
+
+    def describe(self) -> dict:
+        out = {"method": self.method, "vectors": self.k}
+        if self.method == "ivf":
+            out.update(nlist=self.nlist, nprobe=self.nprobe)
+        return out
+
+    def search_exact(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sims, ids = self.flat.search(np.ascontiguousarray(x, np.float32), 1)
+        return ids[:, 0].astype(np.int64), sims[:, 0]
+
+    def search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(index of the best vector, its inner product)`` for each row of ``x`` ([m, d] float32)."""
+        if self.method == "exact":
+            return self.search_exact(x)
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        x = np.ascontiguousarray(x, np.float32)
+        m = len(x)
+        coarse = x @ self.centres.T
+        p = self.nprobe
+        top = np.argpartition(-coarse, p - 1, axis=1)[:, :p] if p < self.nlist else np.tile(np.arange(p), (m, 1))
+        del coarse
+        gi = top.ravel()
+        pair = np.argsort(gi, kind="stable")
+        qi = (pair // p).astype(np.int64)  # the query of each (query, group) pair, grouped by group
+        gb = np.searchsorted(gi[pair], np.arange(self.nlist + 1))
+        best = np.full(m, -np.inf, np.float32)
+        best_id = np.full(m, np.iinfo(np.int64).max, np.int64)
+
+        def one(g: int):
+            qs = qi[gb[g]:gb[g + 1]]
+            lo, hi = self.bounds[g], self.bounds[g + 1]
+            sims = x[qs] @ self.grouped[lo:hi].T
+            a = sims.argmax(axis=1)  # first maximum: the lowest index within the group
+            return qs, sims[np.arange(len(qs)), a], self.members[lo + a]
+
+        work = [g for g in range(self.nlist) if gb[g + 1] > gb[g] and self.bounds[g + 1] > self.bounds[g]]
+        with threadpool_limits(1), ThreadPoolExecutor(free_cores()) as pool:
+            for qs, v, ids in pool.map(one, work):
+                better = (v > best[qs]) | ((v == best[qs]) & (ids < best_id[qs]))
+                best[qs[better]] = v[better]
+                best_id[qs[better]] = ids[better]
+        return best_id, best
+
+    def max_abs(self, x: np.ndarray) -> np.ndarray:
+        """``max_j |<x, v_j>|`` for each row of ``x``: the larger of the best inner products of ``x`` and ``-x``."""
+        x = np.ascontiguousarray(x, np.float32)
+        return np.maximum(self.search(x)[1], self.search(-x)[1])
+
+    def assign(self, arr: np.ndarray, rows: np.ndarray, chunk: int = 65536, desc: str | None = None) -> np.ndarray:
+        """The best vector's index for each of ``rows`` of ``arr``, read in float32 chunks."""
+        out = np.empty(len(rows), np.int64)
+        for start, block in float32_rows(arr, rows, chunk, desc):
+            out[start:start + len(block)] = self.search(block)[0]
+        return out
+
+    def recall(self, arr: np.ndarray, rows: np.ndarray, got: np.ndarray, sample: int, seed: int) -> float | None:
+        """Share of a random sample of ``rows`` whose ``got`` index is the exhaustive search's (None if exact)."""
+        if self.method == "exact" or sample <= 0 or len(rows) == 0:
+            return None
+        pick = np.sort(np.random.default_rng(seed).choice(len(rows), min(sample, len(rows)), replace=False))
+        exact = self.search_exact(np.asarray(arr[rows[pick]], np.float32))[0]
+        return float(np.mean(exact == got[pick]))
+
+
 def nearest_centroid(arr: np.ndarray, rows: np.ndarray, centroids: np.ndarray, chunk: int = CHUNK,
                      desc: str | None = None) -> np.ndarray:
-    """Index of the centroid with the largest inner product for each row (DataComp's assignment rule); ties go to
-    the lowest centroid index."""
-    faiss = faiss_threads()
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, np.float32))
-    out = np.empty(len(rows), np.int64)
-    for start, block in float32_rows(arr, rows, chunk, desc):
-        _, idx = index.search(block, 1)
-        out[start:start + len(block)] = idx[:, 0]
-    return out
+    """Index of the centroid with the largest inner product for each row (DataComp's assignment rule), by
+    exhaustive search; ties go to the lowest centroid index."""
+    return InnerProductIndex(centroids, method="exact").assign(arr, rows, chunk, desc)
 
 
 def pca_kmeans(arr: np.ndarray, train_rows: np.ndarray, k: int, *, dim: int, niter: int, seed: int

@@ -2,10 +2,16 @@
 
 It can be built from a pool directory and an embedding space (``FilterView.from_pool``) or from plain arrays
 (``FilterView(uids, ...)``), so that any source of the same arrays (e.g. DataComp's released metadata: parquet plus
-``.npz`` embeddings) can feed the same filters. Everything heavy is loaded on first use and then kept: a filter that
-only reads captions never touches the embeddings. Arrays handed out are read-only views, so a filter cannot change
-what the next filter (or the report) sees. Ground truth about a synthetic pool's noise is deliberately not reachable
-from here.
+``.npz`` embeddings) can feed the same filters. Everything is read on first use and only what is asked for: a
+filter that only reads scores reads the uid and score columns, never an embedding. Embeddings stay in their per-shard
+files, memory-mapped (``ShardedArray``), so no filter holds a whole pool's vectors in memory. Arrays handed out are
+read-only, so a filter cannot change what the next filter (or the report) sees. Ground truth about a synthetic pool's
+noise is deliberately not reachable from here.
+
+Which rows have embeddings: ``valid`` is what is known without reading them (an embedding store records it; a
+plain-array view may be given it). Where the embeddings themselves must say (DataComp marks a missing embedding with
+a zero vector), ``usable(kinds)`` reads the arrays of those kinds, shard by shard, when a filter that reads them
+asks, and only then.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datafilter.embed.store import ShardedArray, usable_rows
 from datafilter.pool.uid import UID_DTYPE, uids_from_arrow
 
 log = logging.getLogger(__name__)
@@ -37,6 +44,8 @@ HOW_TO = {
 
 
 def _read_only(arr: np.ndarray) -> np.ndarray:
+    if isinstance(arr, ShardedArray):  # read-only by construction
+        return arr
     view = arr.view()
     view.flags.writeable = False
     return view
@@ -80,12 +89,19 @@ class FilterView:
     Args:
         uids: ``u8,u8`` uids in pool order; every other per-row array follows this order.
         metadata: a pyarrow table, or a callable ``columns -> table`` that reads only the columns asked for.
-        image, text: ``[n, dim]`` float16 L2-normalised embeddings (NaN rows where ``valid`` is False), or callables.
+        image, text: ``[n, dim]`` float16 L2-normalised embeddings (NaN rows where ``valid`` is False): numpy
+            arrays, ``ShardedArray``s, or callables returning one.
         scores: ``{column: [n] float}`` CLIP-style scores, or a callable returning that mapping.
         score_column: the default score column (the space's ``score_column``).
         valid: ``[n]`` bool, False where the sample has no embedding; default: all rows valid.
-        references: ``{name: [m, dim] float16 array | path | callable}``.
+        check_embeddings: whether ``usable`` must read the embeddings to find rows without one (NaN or zero
+            vectors); False where ``valid`` already says (an embedding store writes NaN rows exactly where it
+            records ``valid = False``).
+        references: ``{name: [m, dim] float16 array | path | callable}``; a path may be ``.npy``, a ``torch.save``
+            file, a glob or a comma-separated list (``datafilter.embed.datacomp.load_features``).
         reference_labels: ``{name: [m] int array | path}``.
+        shard_rows: rows per shard of the source, for filters that work shard by shard (default: one shard).
+        workdir: where filters keep resumable working files (default ``work/cache/filters``).
         pool_path, pool_id, space: recorded in the subset's sidecar.
     """
 
@@ -95,7 +111,8 @@ class FilterView:
                  score_column: str | None = None, valid: Source = None,
                  references: Mapping[str, Source] | None = None, reference_labels: Mapping[str, Source] | None = None,
                  pool_path: str | Path | None = None, pool_id: str | None = None, space: str | None = None,
-                 columns: Sequence[str] | None = None):
+                 columns: Sequence[str] | None = None, check_embeddings: bool = True,
+                 shard_rows: Sequence[int] | None = None, workdir: str | Path | None = None):
         uids = np.asarray(uids)
         if uids.dtype != UID_DTYPE:
             raise ValueError(f"uids must have dtype {UID_DTYPE}, got {uids.dtype}")
@@ -112,12 +129,19 @@ class FilterView:
         self.pool_path = str(pool_path) if pool_path is not None else None
         self.pool_id = pool_id
         self.space = space
+        self.check_embeddings = check_embeddings
+        rows = [len(uids)] if shard_rows is None else [int(r) for r in shard_rows]
+        if sum(rows) != len(uids):
+            raise ValueError(f"shard_rows add up to {sum(rows)}, but there are {len(uids)} uids")
+        self.shard_offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        self.workdir = Path(workdir) if workdir is not None else Path("work") / "cache" / "filters"
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None
 
     # --- construction from a pool ----------------------------------------------------------------------------------
     @classmethod
     def from_pool(cls, pool_dir: str | Path, space: str | None = None,
-                  references: Mapping[str, str | Path] | None = None) -> "FilterView":
+                  references: Mapping[str, str | Path] | None = None,
+                  workdir: str | Path | None = None) -> "FilterView":
         """A view of a pool directory and one of its embedding spaces (the only one, if ``space`` is not given).
 
         Embeddings, scores and references are optional: a pool without them still serves filters that read only
@@ -167,36 +191,41 @@ class FilterView:
                 if (lab := path.with_name(f"{path.stem}_labels.npy")).exists():
                     labels[path.stem] = lab
         for name, path in (references or {}).items():
-            refs[name] = Path(path)
+            refs[name] = path
             if (lab := Path(path).with_name(f"{Path(path).stem}_labels.npy")).exists():
                 labels[name] = lab
         view = cls(uids, metadata=lambda cols: pool.metadata(cols), columns=pool.columns(), references=refs,
                    reference_labels=labels, pool_path=pool.path.resolve(), pool_id=pool.pool_id, space=space,
+                   check_embeddings=False, shard_rows=[s.num_samples for s in pool.shards], workdir=workdir,
                    **kwargs)
         return view
 
     @classmethod
     def from_datacomp(cls, path: str | Path, model: str = "l14",
-                      references: Mapping[str, str | Path] | None = None) -> "FilterView":
+                      references: Mapping[str, str | Path] | None = None, arrays_dir: str | Path | None = None,
+                      workdir: str | Path | None = None) -> "FilterView":
         """A view of DataComp's released metadata (``NNNNNNNN.parquet`` + ``.npz``) for ``model`` (b32 or l14):
-        the same filters run on it without re-embedding anything."""
+        the same filters run on it without re-embedding anything. Scores come from the parquet's score columns;
+        embeddings are read (memory-mapped where the files allow, see ``DataCompMetadata``) only by filters that
+        use them, and only then are rows with zero or NaN vectors found."""
         from datafilter.common.files import stable_hash
         from datafilter.embed.datacomp import SCORE_COLUMNS, DataCompMetadata
 
-        dc = DataCompMetadata(path, model)
-        uid_col = dc.metadata(["uid"]).column("uid")
+        dc = DataCompMetadata(path, model, arrays_dir=arrays_dir)
+        uids = dc.uids
         columns = dc.columns()
 
         def load_scores() -> dict[str, np.ndarray]:
             present = [c for c in SCORE_COLUMNS.values() if c in columns]
             table = dc.metadata(present)
-            return {c: table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in present}
+            return {c: column_to_numpy(table.column(c)).astype(np.float32) for c in present}
 
         pool_id = stable_hash([(p.name, n) for p, n in zip(dc.parquets, dc.rows)])
-        return cls(uids_from_arrow(uid_col), metadata=lambda cols: dc.metadata(cols), columns=columns,
-                   image=dc.all_image, text=dc.all_text, scores=load_scores, score_column=dc.score_column,
-                   valid=dc.valid, references={k: Path(v) for k, v in (references or {}).items()},
-                   pool_path=dc.path.resolve(), pool_id=pool_id, space=f"datacomp-{model}")
+        return cls(uids, metadata=lambda cols: dc.metadata(cols), columns=columns,
+                   image=lambda: dc.array("img"), text=lambda: dc.array("txt"), scores=load_scores,
+                   score_column=dc.score_column, references=dict(references or {}),
+                   pool_path=dc.path.resolve(), pool_id=pool_id, space=f"datacomp-{model}", shard_rows=dc.rows,
+                   workdir=workdir)
 
     # --- basic facts -----------------------------------------------------------------------------------------------
     @property
@@ -221,8 +250,7 @@ class FilterView:
         if what.startswith("metadata:"):
             return what.split(":", 1)[1] in self.columns
         if what.startswith("reference:"):
-            name = what.split(":", 1)[1]
-            return name in self._refs or (name.endswith(".npy") and Path(name).exists())
+            return self._reference_source(what.split(":", 1)[1]) is not None
         raise ValueError(f"unknown need {what!r} (known: image_embeddings, text_embeddings, scores, "
                          f"metadata:COLUMN, reference:NAME)")
 
@@ -310,7 +338,8 @@ class FilterView:
 
     @property
     def valid(self) -> np.ndarray:
-        """``[n]`` bool: the row has embeddings (False where its image could not be decoded or embedded)."""
+        """``[n]`` bool: the row has embeddings as far as is known without reading them (False where its image
+        could not be decoded or embedded). See ``usable`` for the rows whose vectors a filter can use."""
         if "valid" not in self._cache:
             src = self._sources["valid"]
             if src is not None:
@@ -324,32 +353,73 @@ class FilterView:
             self._cache["valid"] = _read_only(v)
         return self._cache["valid"]
 
+    def usable(self, *kinds: str) -> np.ndarray:
+        """``[n]`` bool: ``valid`` and, for each of ``kinds`` (``image``, ``text``), a finite non-zero vector.
+
+        Where the source already guarantees that (an embedding store), this is ``valid``; otherwise the arrays of
+        those kinds are read once, shard by shard, a chunk at a time (DataComp's metadata: a zero vector marks a
+        missing embedding), and the answer is kept."""
+        for kind in kinds:
+            if kind not in ("image", "text"):
+                raise ValueError(f"unknown embedding kind {kind!r} (image, text)")
+        if not self.check_embeddings or not kinds:
+            return self.valid
+        key = "usable:" + ",".join(sorted(set(kinds)))
+        if key not in self._cache:
+            ok = self.valid.copy()
+            for kind in sorted(set(kinds)):
+                if f"usable:{kind}" not in self._cache:
+                    self._cache[f"usable:{kind}"] = _read_only(usable_rows([self._array(kind)]))
+                ok &= self._cache[f"usable:{kind}"]
+            self._cache[key] = _read_only(ok)
+        return self._cache[key]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_offsets) - 1
+
     # --- reference sets --------------------------------------------------------------------------------------------
     @property
     def references(self) -> list[str]:
         return sorted(self._refs)
 
+    def _reference_source(self, name: str) -> Source | None:
+        if name in self._refs:
+            return self._refs[name]
+        from datafilter.embed.datacomp import expand_paths, is_saved_file
+
+        if is_saved_file(name):
+            try:
+                return name if all(p.is_file() for p in expand_paths(name)) else None
+            except Exception:  # a glob that matches nothing
+                return None
+        return None
+
     def reference(self, name: str) -> np.ndarray:
-        """A reference set's ``[m, dim]`` embeddings, by name or by the path of an ``.npy`` file."""
-        if name not in self._refs:
-            if name.endswith(".npy") and Path(name).exists():
-                self._refs[name] = Path(name)
-            else:
-                raise ValueError(f"no reference set {name!r} (available: {', '.join(self.references) or 'none'}); "
-                                 f"{HOW_TO['reference']}")
+        """A reference set's ``[m, dim]`` embeddings, by name or by file: an ``.npy``, a ``torch.save`` file such
+        as DataComp's ``in1k_clip_vit_l14_0.pt`` (its ``image_features``), a glob or a comma-separated list."""
+        src = self._reference_source(name)
+        if src is None:
+            raise ValueError(f"no reference set {name!r} (available: {', '.join(self.references) or 'none'}); "
+                             f"{HOW_TO['reference']}")
         key = f"ref:{name}"
         if key not in self._cache:
-            src = self._refs[name]
-            arr = np.load(src, mmap_mode="r") if isinstance(src, (str, Path)) else (src() if callable(src) else src)
+            if isinstance(src, (str, Path)):
+                from datafilter.embed.datacomp import load_features
+
+                arr = load_features(src)
+            else:
+                arr = src() if callable(src) else src
             if arr.ndim != 2:
-                raise ValueError(f"reference set {name!r} ({src}) has shape {arr.shape}, expected [m, dim]")
+                raise ValueError(f"reference set {name!r} ({src if isinstance(src, (str, Path)) else 'array'}) "
+                                 f"has shape {arr.shape}, expected [m, dim]")
             finite = np.isfinite(arr).all(axis=1)
             if not finite.all():  # a reference image that failed to embed carries no information
                 log.warning("reference set %r: ignoring %d row(s) without a finite embedding", name,
                             int((~finite).sum()))
                 arr = np.asarray(arr)[finite]
             if len(arr) == 0:
-                raise ValueError(f"reference set {name!r} ({src}) has no usable embeddings")
+                raise ValueError(f"reference set {name!r} has no usable embeddings")
             self._cache[key] = _read_only(np.asarray(arr))
         return self._cache[key]
 

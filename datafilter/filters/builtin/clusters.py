@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -13,37 +13,68 @@ from tqdm.auto import tqdm
 from datafilter.filters.base import Filter
 from datafilter.filters.language import FASTTEXT, fasttext_tokens, language_mask
 from datafilter.filters.builtin.scores import check_fraction_or_threshold, clip_score_mask
-from datafilter.filters.ops import (gather_float32, kmeans, nearest_centroid, nearest_centroid_pca, pca_kmeans,
-                                    sample_rows)
+from datafilter.embed.datacomp import load_centroids
+from datafilter.filters.ops import (InnerProductIndex, check_memory, gather_float32, gpu_count, kmeans,
+                                    nearest_centroid_pca, pca_kmeans, sample_rows)
 from datafilter.filters.view import FilterView
 
 log = logging.getLogger(__name__)
 
-# DataComp clusters its 12.8M-sample small pool into 100k clusters: one cluster per 128 samples.
-SAMPLES_PER_CLUSTER = 128
+# DataComp clusters every pool into 100k clusters and trains k-means on a share of the caption-filtered samples that
+# falls with the pool's size (baselines/image_based_clustering.md: all of them at small and medium, 0.3 at large,
+# 0.03 at xlarge); it releases the resulting centroids for each scale.
+DATACOMP_CLUSTERS = 100_000
+DATACOMP_SAMPLE_RATIO = {"small": 1.0, "medium": 1.0, "large": 0.3, "xlarge": 0.03}
+DATACOMP_CENTROIDS = {s: f"{s}_centroids_l14.pt" for s in DATACOMP_SAMPLE_RATIO}
+# k-means beyond this many multiply-adds is hours on a CPU: say so before starting.
+CPU_KMEANS_WARN_FLOP = 2e14
 
 
 @dataclass(frozen=True)
 class ImageBasedConfig:
-    """``clusters``: k-means clusters (0: one per 128 pool samples, DataComp's 100k for 12.8M). ``kmeans_sample``:
-    train k-means on this many random valid samples (0: all of them, DataComp's setting); ``niter``: k-means
-    iterations (DataComp: 20). Every sample is then assigned to its nearest centroid whatever the sample.
-    ``pca_dim`` > 0: train k-means in a PCA projection of that many dimensions (full-dimensional centroids are the
-    cluster means) and find each sample's nearest centroid among the ``candidates`` best in the projection, by the
-    exact full-dimensional inner product; 0 is DataComp's exhaustive setting.
-    ``caption_filter``: DataComp's image-based baseline first drops captions that are not English (fastText,
-    ``language_model``) or have fewer than two words (fastText's tokens) or six characters."""
+    """Defaults are DataComp's image-based baseline: 100k k-means clusters of the L/14 image embeddings of the
+    samples that pass the caption filter, 20 iterations, trained on all of them (``kmeans_sample_ratio``; DataComp
+    uses 0.3 at large and 0.03 at xlarge), each sample and reference embedding assigned the centroid with the largest
+    inner product, samples kept whose centroid is some reference embedding's.
+
+    ``centroids``: a centroid file (DataComp's released ``small_centroids_l14.pt`` ..., or ``.npy``) used instead
+    of k-means, so a CPU machine only assigns. ``reference``: a reference set by name, or files such as DataComp's
+    ``in1k_clip_vit_l14_*.pt`` (their ``image_features``).
+    ``clusters``: k-means clusters; ``samples_per_cluster`` > 0 sets ``clusters = pool size // samples_per_cluster``
+    instead (128 is DataComp small's ratio, for pools far smaller than DataComp's). ``kmeans_sample``: train on this
+    many samples (overrides the ratio); ``kmeans_gpu``: on faiss's GPUs when there are any.
+    ``assign``: ``exact`` compares each sample with every centroid; ``ivf`` with the centroids of its ``nprobe``
+    nearest of ``nlist`` groups (0: about 3.2 sqrt(clusters)); ``auto``: ``ivf`` from 16,384 centroids on.
+    ``recall_sample`` rows are also assigned exhaustively and the agreement is recorded.
+    ``pca_dim`` > 0: train k-means in a PCA projection (full-dimensional centroids are the cluster means) and find
+    each sample's centroid among the ``candidates`` best in the projection.
+    ``caption_filter``: DataComp first drops captions that are not English (fastText, ``language_model``) or have
+    fewer than two words (fastText's tokens) or six characters."""
 
     reference: str = "imagenet_train"
-    clusters: int = 0
+    centroids: str = ""
+    clusters: int = DATACOMP_CLUSTERS
+    samples_per_cluster: int = 0
+    kmeans_sample_ratio: float = 1.0
     kmeans_sample: int = 0
     niter: int = 20
+    kmeans_gpu: bool = True
+    assign: Literal["auto", "exact", "ivf"] = "auto"
+    nlist: int = 0
+    nprobe: int = 32
+    recall_sample: int = 2000
     pca_dim: int = 0
     candidates: int = 16
     seed: int = 0
     caption_filter: bool = True
     language: str = "en"
     language_model: str = FASTTEXT
+
+    def __post_init__(self):
+        if not 0 < self.kmeans_sample_ratio <= 1:
+            raise ValueError(f"kmeans_sample_ratio must be in (0, 1], got {self.kmeans_sample_ratio}")
+        if self.clusters < 1 or self.samples_per_cluster < 0 or self.nprobe < 1:
+            raise ValueError("clusters and nprobe must be >= 1, samples_per_cluster >= 0")
 
 
 def caption_filter_mask(view: FilterView, language: str, language_model: str = FASTTEXT) -> np.ndarray:
@@ -57,10 +88,47 @@ def caption_filter_mask(view: FilterView, language: str, language_model: str = F
     return ok
 
 
-def target_cluster_mask(flt: Filter, view: FilterView, cfg: ImageBasedConfig) -> np.ndarray:
-    """Rows whose nearest centroid is the nearest centroid of some reference embedding."""
+def cluster_count(cfg: ImageBasedConfig, n: int) -> int:
+    return max(1, n // cfg.samples_per_cluster) if cfg.samples_per_cluster else cfg.clusters
+
+
+def train_centroids(flt: Filter, img: np.ndarray, rows: np.ndarray, cfg: ImageBasedConfig, k: int):
+    """k-means on the training rows (the caption-filtered samples or a share of them): ``(centroids, pca)``."""
+    size = cfg.kmeans_sample or int(len(rows) * cfg.kmeans_sample_ratio)
+    train_rows = sample_rows(rows, size, cfg.seed)
+    if k > len(train_rows):
+        raise ValueError(f"{k:,} clusters need at least as many k-means points, and {len(train_rows):,} samples "
+                         "are there to train on; set clusters=, samples_per_cluster= (128: DataComp small's "
+                         "ratio) or centroids= (a centroid file)")
+    dim = cfg.pca_dim if 0 < cfg.pca_dim < img.shape[1] else img.shape[1]
+    check_memory(len(train_rows) * dim * 4 * 1.2, f"k-means on {len(train_rows):,} points of width {dim}",
+                 "train on a share of them (kmeans_sample_ratio=, kmeans_sample=) or give DataComp's released "
+                 "centroids (centroids=small_centroids_l14.pt)")
+    gpu = cfg.kmeans_gpu and gpu_count() > 0
+    flop = 2.0 * len(train_rows) * k * dim * cfg.niter
+    if not gpu and flop > CPU_KMEANS_WARN_FLOP:
+        log.warning("%s: k-means of %s points into %s clusters is about %.0f TFLOP, hours on a CPU; DataComp runs "
+                    "it on GPUs and releases the centroids (centroids=small_centroids_l14.pt)", flt.name,
+                    f"{len(train_rows):,}", f"{k:,}", flop / 1e12)
+    flt.details.update(kmeans_points=len(train_rows), kmeans_device="gpu" if gpu else "cpu")
+    if dim < img.shape[1]:
+        return pca_kmeans(img, train_rows, k, dim=dim, niter=cfg.niter, seed=cfg.seed)
+    return kmeans(gather_float32(img, train_rows), k, niter=cfg.niter, seed=cfg.seed, gpu=gpu), None
+
+
+def target_cluster_mask(flt: Filter, view: FilterView, cfg: ImageBasedConfig,
+                        also: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Rows whose nearest centroid is the nearest centroid of some reference embedding.
+
+    k-means trains on the usable rows that pass the caption filter (DataComp clusters those); ``also(keep)``, if
+    given, narrows the rows to assign further (the CLIP-score cut of the intersected filter, which does not change
+    the centroids), so only the candidates are read and assigned."""
+    img = view.image_embeddings()
+    given = load_centroids(cfg.centroids, img.shape[1]) if cfg.centroids else None  # bad files fail first
+    ref = view.reference(cfg.reference)
+    if ref.shape[1] != img.shape[1]:
+        raise ValueError(f"reference set {cfg.reference!r} has width {ref.shape[1]}, the embeddings {img.shape[1]}")
     valid = flt.drop_invalid(view)
-    rows = np.flatnonzero(valid)
     keep = valid.copy()
     if cfg.caption_filter:
         with flt.phase("caption_filter"):
@@ -69,37 +137,49 @@ def target_cluster_mask(flt: Filter, view: FilterView, cfg: ImageBasedConfig) ->
             keep &= ok
     if not keep.any():
         return keep
-    img = view.image_embeddings()
-    k = cfg.clusters or max(1, view.n // SAMPLES_PER_CLUSTER)
+    if view.check_embeddings:  # the vectors themselves say which rows have none (DataComp: zero vectors)
+        usable = view.usable("image")
+        flt.drop("no_embedding", int((keep & ~usable).sum()))
+        keep &= usable
+    train = np.flatnonzero(keep)
+    if also is not None:
+        keep = also(keep)
+    rows = np.flatnonzero(keep)
     pca = None
     with flt.phase("kmeans"):
-        # DataComp clusters the samples that passed the caption filter, not the whole pool.
-        train_rows = sample_rows(np.flatnonzero(keep), cfg.kmeans_sample, cfg.seed)
-        if 0 < cfg.pca_dim < img.shape[1]:
-            centroids, pca = pca_kmeans(img, train_rows, k, dim=cfg.pca_dim, niter=cfg.niter, seed=cfg.seed)
+        if given is not None:
+            centroids = given
+            flt.details.update(centroids=str(cfg.centroids))
         else:
-            centroids = kmeans(gather_float32(img, train_rows), k, niter=cfg.niter, seed=cfg.seed)
-
-    def assign(arr: np.ndarray, which: np.ndarray, desc: str | None = None) -> np.ndarray:
-        if pca is None:
-            return nearest_centroid(arr, which, centroids, desc=desc)
-        return nearest_centroid_pca(arr, which, centroids, pca, cfg.candidates, desc=desc)
-
+            centroids, pca = train_centroids(flt, img, train, cfg, cluster_count(cfg, view.n))
     with flt.phase("assign"):
         labels = np.full(view.n, -1, np.int64)
-        labels[rows] = assign(img, rows, "assign")
-        ref = view.reference(cfg.reference)
-        targets = np.unique(assign(ref, np.arange(len(ref))))
-    in_target = np.isin(labels, targets) & valid
+        if pca is not None:
+            labels[rows] = nearest_centroid_pca(img, rows, centroids, pca, cfg.candidates, desc="assign")
+            targets = np.unique(nearest_centroid_pca(ref, np.arange(len(ref)), centroids, pca, cfg.candidates))
+            flt.details["assignment"] = {"method": "pca", "candidates": cfg.candidates}
+        else:
+            index = InnerProductIndex(centroids, method=cfg.assign, nlist=cfg.nlist, nprobe=cfg.nprobe,
+                                      seed=cfg.seed)
+            labels[rows] = index.assign(img, rows, desc="assign")
+            targets = np.unique(index.assign(ref, np.arange(len(ref))))
+            flt.details["assignment"] = index.describe()
+            recall = index.recall(img, rows, labels[rows], cfg.recall_sample, cfg.seed)
+            if recall is not None:
+                flt.details["assignment"]["recall_sample"] = {"rows": min(cfg.recall_sample, len(rows)),
+                                                             "agree_with_exhaustive": round(recall, 4)}
+                log.info("%s: %.2f%% of %d sampled rows get the exhaustive search's centroid", flt.name,
+                         100 * recall, min(cfg.recall_sample, len(rows)))
+    in_target = np.isin(labels, targets) & keep
     flt.drop("off_target_cluster", int((keep & ~in_target).sum()))
-    flt.details.update(clusters=len(centroids), target_clusters=len(targets), kmeans_points=len(train_rows))
+    flt.details.update(clusters=len(centroids), target_clusters=len(targets))
     log.info("%s: %d clusters, %d of them nearest to a reference sample", flt.name, len(centroids), len(targets))
-    return keep & in_target
+    return in_target
 
 
 class ImageBasedFilter(Filter):
     name = "image_based"
-    version = "1"
+    version = "2"  # 2: DataComp's 100k clusters by default (1: one per 128 samples), released centroids
     description = "keep k-means clusters of image embeddings that hold a reference set's nearest centroids (DataComp)"
     Config = ImageBasedConfig
     needs = ("image_embeddings", "reference:{reference}", "metadata:text")
@@ -127,38 +207,49 @@ class ImageBasedClipConfig(ImageBasedConfig):
 
 class ImageBasedClipFilter(ImageBasedFilter):
     name = "image_based_clip_score"
-    version = "1"
+    version = "2"
     description = "image-based clusters ∩ CLIP-score top fraction (DataComp-1B's recipe)"
     Config = ImageBasedClipConfig
     needs = ("image_embeddings", "scores", "reference:{reference}", "metadata:text")
 
     def select(self, view: FilterView) -> np.ndarray:
         c = self.config
-        clip = clip_score_mask(None, view, c.fraction, c.threshold, c.column)
-        image = target_cluster_mask(self, view, c)
-        self.drop("low_clip_score", int((image & ~clip).sum()))
-        return view.uids_of(image & clip)
+        clip = clip_score_mask(None, view, c.fraction, c.threshold, c.column)  # threshold over the whole pool
+
+        def also(keep: np.ndarray) -> np.ndarray:
+            self.drop("low_clip_score", int((keep & ~clip).sum()))
+            return keep & clip
+
+        return view.uids_of(target_cluster_mask(self, view, c, also))
 
 
 @dataclass(frozen=True)
 class SemDeDupConfig:
-    """Cluster image embeddings with k-means (``clusters``; 0: one per 8,800 samples, the paper's 50k clusters for
-    LAION-440M), order each cluster's members by decreasing distance to their centroid, and walk that order:
-    a member is dropped when its cosine similarity to an already kept member exceeds ``1 - eps``."""
+    """SemDeDup as its authors' code runs it: spherical k-means of the image embeddings into ``clusters`` (0: one
+    per 8,800 samples, the paper's 50k clusters for LAION-440M), ``niter`` 100 iterations; each cluster's members
+    ordered by decreasing distance to their centroid (the hardest first, their ``keep_hard``), and a member dropped
+    when its cosine similarity to ANY earlier member exceeds ``1 - eps``.
+
+    ``compare="kept"`` is this project's earlier variant: compare with the members kept so far only, so the last
+    member of a chain of near-duplicates (a ~ b ~ c, a and c apart) survives when its predecessor was dropped; it
+    keeps a little more. ``kmeans_sample``: train k-means on that many random samples (0: all, as the paper; at
+    millions of samples the float32 training set alone exceeds a workstation's memory)."""
 
     eps: float = 0.05
     clusters: int = 0
     kmeans_sample: int = 0
-    niter: int = 20
+    niter: int = 100
+    compare: Literal["any", "kept"] = "any"
     seed: int = 0
 
 
-def dedup_cluster(x: np.ndarray, threshold: float, block: int = 1024) -> np.ndarray:
-    """Keep mask for members ``x`` (float32, already in walk order): greedy against kept members only.
+def dedup_cluster(x: np.ndarray, threshold: float, block: int = 1024, compare: str = "any") -> np.ndarray:
+    """Keep mask for members ``x`` (float32, already in walk order).
 
-    Similarities are computed a block of rows at a time against the rows before them (memory: ``block`` x n, not
-    n x n). Members with no earlier member above the threshold are kept without the loop; the loop only resolves
-    members that have such a neighbour, which are few.
+    ``any`` (the paper's code): drop a member whose similarity to any earlier member exceeds ``threshold``.
+    ``kept``: greedy against kept members only. Similarities are computed a block of rows at a time against the
+    rows before them (memory: ``block`` x n, not n x n); under ``kept`` the loop only resolves members that have
+    such a neighbour, which are few.
     """
     n = len(x)
     keep = np.ones(n, bool)
@@ -167,6 +258,9 @@ def dedup_cluster(x: np.ndarray, threshold: float, block: int = 1024) -> np.ndar
         sim = x[s:e] @ x[:e].T  # rows s..e-1 against rows 0..e-1
         close = sim > threshold
         close &= np.arange(e)[None, :] < np.arange(s, e)[:, None]  # earlier members only
+        if compare == "any":
+            keep[s:e] = ~close.any(1)
+            continue
         for r in np.flatnonzero(close.any(1)):
             if (close[r] & keep[:e]).any():  # keep[:i] is final when member i is decided
                 keep[s + r] = False
@@ -175,37 +269,39 @@ def dedup_cluster(x: np.ndarray, threshold: float, block: int = 1024) -> np.ndar
 
 class SemDeDupFilter(Filter):
     name = "semdedup"
-    version = "1"
+    version = "2"  # 2: the paper's rule (any earlier member) and 100 k-means iterations; 1: compare=kept, niter=20
     description = "SemDeDup: k-means, then drop semantic near-duplicates within each cluster (cosine > 1 - eps)"
     Config = SemDeDupConfig
     needs = ("image_embeddings",)
 
     def select(self, view: FilterView) -> np.ndarray:
         c = self.config
-        valid = self.drop_invalid(view)
+        valid = self.drop_invalid(view, "image")
         rows = np.flatnonzero(valid)
         if len(rows) == 0:  # nothing to cluster
             return view.uids_of(valid)
         img = view.image_embeddings()
         k = c.clusters or max(1, len(rows) // 8800)
         with self.phase("kmeans"):
+            train = sample_rows(rows, c.kmeans_sample, c.seed)
+            check_memory(len(train) * img.shape[1] * 4 * 1.2, f"k-means on {len(train):,} points",
+                         "train on a sample (kmeans_sample=)")
             # Spherical k-means, as SemDeDup's code clusters by cosine distance.
-            centroids = kmeans(gather_float32(img, sample_rows(rows, c.kmeans_sample, c.seed)), k, niter=c.niter,
-                               seed=c.seed, spherical=True)
+            centroids = kmeans(gather_float32(img, train), k, niter=c.niter, seed=c.seed, spherical=True)
         with self.phase("assign"):
-            labels = nearest_centroid(img, rows, centroids, desc="assign")
+            labels = InnerProductIndex(centroids, seed=c.seed).assign(img, rows, desc="assign")
         keep = np.zeros(view.n, bool)
         with self.phase("dedup"):
             order = np.argsort(labels, kind="stable")
             bounds = np.searchsorted(labels[order], np.arange(len(centroids) + 1))
             for ci in tqdm(range(len(centroids)), desc="dedup", unit="cluster", disable=len(centroids) < 64):
-                members = rows[order[bounds[ci]:bounds[ci + 1]]]
+                members = rows[order[bounds[ci]:bounds[ci + 1]]]  # increasing rows: reads follow the files
                 if len(members) == 0:
                     continue
                 x = np.asarray(img[members], np.float32)
                 cos = x @ centroids[ci] / max(float(np.linalg.norm(centroids[ci])), 1e-12)
                 walk = np.lexsort((members, cos))  # farthest from the centroid first, ties by row
-                kept = dedup_cluster(x[walk], 1.0 - c.eps)
+                kept = dedup_cluster(x[walk], 1.0 - c.eps, compare=c.compare)
                 keep[members[walk[kept]]] = True
         self.drop("near_duplicate", int(len(rows) - keep.sum()))
         return view.uids_of(keep)

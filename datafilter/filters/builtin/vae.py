@@ -108,7 +108,7 @@ class VAEFilter(Filter):
 
     def select(self, view: FilterView) -> np.ndarray:
         c = self.config
-        valid = self.drop_invalid(view)
+        valid = self.drop_invalid(view, "image")
         rows = np.flatnonzero(valid)
         img = view.image_embeddings()
         with self.phase("train_and_score"):
