@@ -19,6 +19,7 @@ STAGES = (
     "datafilter.micro.cli",
     "datafilter.embed.cli",
     "datafilter.filters.cli",
+    "datafilter.pool.reshard",
     "datafilter.train.cli",
     "datafilter.evaluate.cli",
     "datafilter.bench.cli",

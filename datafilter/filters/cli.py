@@ -37,7 +37,25 @@ def register(commands) -> None:
                    help="an extra reference set of embeddings")
     p.add_argument("--datacomp", choices=("b32", "l14"), metavar="MODEL",
                    help="POOL_DIR is DataComp's released metadata (parquet + npz); use its b32 or l14 embeddings")
+    p.add_argument("--arrays", metavar="DIR",
+                   help="with --datacomp: where `datafilter datacomp unpack` wrote the arrays (default: POOL_DIR)")
+    p.add_argument("--workdir", metavar="DIR",
+                   help="where filters keep resumable working files, e.g. D²'s kNN graph (default: work/cache/filters)")
     p.set_defaults(func=_filter)
+
+    p = commands.subcommand(
+        "datacomp", "DataComp's released metadata", "unpack",
+        "unpack DataComp's compressed .npz embeddings once into memory-mappable .npy files (resumable)",
+        description="Write each shard's arrays of MODEL (l14_img, l14_txt or b32_...) as NNNNNNNN_l14_img.npy beside "
+                    "the metadata (or in --out). Only needed for compressed .npz files: uncompressed members are "
+                    "memory-mapped where they are. Finished files are kept: a killed run resumes; the free disk "
+                    "space is checked first.")
+    p.add_argument("metadata_dir", help="folder of NNNNNNNN.parquet + NNNNNNNN.npz")
+    p.add_argument("--model", choices=("b32", "l14"), default="l14", help="embeddings to unpack (default: l14)")
+    p.add_argument("--kinds", nargs="+", choices=("img", "txt"), default=["img", "txt"],
+                   help="image and/or text arrays (default: both)")
+    p.add_argument("--out", metavar="DIR", help="where to write (default: the metadata folder)")
+    p.set_defaults(func=_unpack)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -98,12 +116,23 @@ def _filter(args: argparse.Namespace) -> int:
     if args.datacomp:
         from datafilter.filters.view import FilterView
 
-        view = FilterView.from_datacomp(args.pool_dir, args.datacomp, references=refs)
+        view = FilterView.from_datacomp(args.pool_dir, args.datacomp, references=refs, arrays_dir=args.arrays,
+                                        workdir=args.workdir)
     result, out = filter_pool(args.name, args.pool_dir, args.out, params=parse_params(args.param, args.config),
-                              space=args.space, references=refs, view=view)
+                              space=args.space, references=refs, view=view, workdir=args.workdir)
     reasons = ", ".join(f"{k} {v:,}" for k, v in result.counts.items()) or "none"
     print(f"{args.name}: kept {result.kept:,} of {result.input:,} ({result.elapsed_s:.2f} s); removed: {reasons}")
     print(f"wrote {out}")
+    return 0
+
+
+def _unpack(args: argparse.Namespace) -> int:
+    from datafilter.embed.datacomp import DataCompMetadata
+
+    meta = DataCompMetadata(args.metadata_dir, args.model, arrays_dir=args.out)
+    written = meta.unpack(args.kinds)
+    print(f"unpacked {len(written)} array(s) into {meta.arrays_dir} "
+          f"({len(meta.parquets) * len(args.kinds) - len(written)} already there)")
     return 0
 
 

@@ -21,14 +21,14 @@ def default_output(pool_dir: str | Path, name: str) -> Path:
 def filter_pool(name: str, pool_dir: str | Path, out: str | Path | None = None, *,
                 params: Mapping[str, Any] | None = None, space: str | None = None,
                 references: Mapping[str, str | Path] | None = None,
-                view: FilterView | None = None) -> tuple[RunResult, Path]:
+                view: FilterView | None = None, workdir: str | Path | None = None) -> tuple[RunResult, Path]:
     """Run filter ``name`` on ``pool_dir`` and save the subset to ``out``.
 
     Nothing is written unless the filter succeeds and its output passes the checks, so a failing plugin leaves
     earlier subsets (including a previous ``out``) untouched.
     """
     flt, where = load_filter(name, dict(params or {}))
-    view = view or FilterView.from_pool(pool_dir, space=space, references=references)
+    view = view or FilterView.from_pool(pool_dir, space=space, references=references, workdir=workdir)
     result = run_filter(flt, view, plugin=where)
     out = Path(out) if out else default_output(pool_dir, name)
     save_subset(out, result.uids, result.sidecar(view))

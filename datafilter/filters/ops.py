@@ -310,9 +310,9 @@ class Rows:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def get(self, idx: np.ndarray | slice) -> np.ndarray:
+    def get(self, idx: np.ndarray | slice, dtype: type = np.float32) -> np.ndarray:
         r = self.rows[idx]
-        out = np.empty((len(r), self.dim), np.float32)
+        out = np.empty((len(r), self.dim), dtype)
         lo = 0
         for p in self.parts:
             out[:, lo:lo + p.shape[1]] = p[r]
@@ -347,8 +347,125 @@ def split_lists(part: np.ndarray, lists: np.ndarray, cap: int) -> np.ndarray:
     return lists
 
 
+class WorkDir:
+    """A directory holding a long step's intermediate arrays, each written once and marked done, so that a killed
+    run resumes at the first unfinished part. Arrays are ``.npy`` files, opened memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def done(self, name: str) -> bool:
+        return (self.path / f"{name}.done").exists()
+
+    def mark(self, name: str) -> None:
+        (self.path / f"{name}.done").write_text("ok\n")
+
+    def file(self, name: str) -> Path:
+        return self.path / f"{name}.npy"
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: type, fill: float | None = None) -> np.ndarray:
+        """A writable memory-mapped array: the existing one if its shape and dtype match, else a new one."""
+        from numpy.lib.format import open_memmap
+
+        path = self.file(name)
+        if path.exists():
+            try:
+                arr = open_memmap(path, mode="r+")
+                if arr.shape == tuple(shape) and arr.dtype == np.dtype(dtype):
+                    return arr
+            except ValueError:
+                pass
+        arr = open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+        if fill is not None:
+            arr[:] = fill
+        return arr
+
+    def load(self, name: str) -> np.ndarray:
+        return np.load(self.file(name), mmap_mode="r")
+
+    def save(self, name: str, arr: np.ndarray) -> None:
+        from datafilter.common.files import atomic_path
+
+        with atomic_path(self.file(name)) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+
+    def remove(self, *names: str) -> None:
+        for name in names:
+            self.file(name).unlink(missing_ok=True)
+
+
+def work_array(state: WorkDir | None, name: str, shape: tuple[int, ...], dtype: type,
+               fill: float | None = None) -> np.ndarray:
+    """An array in memory, or in ``state`` on disk."""
+    if state is not None:
+        return state.array(name, shape, dtype, fill)
+    return np.full(shape, fill, dtype) if fill is not None else np.empty(shape, dtype)
+
+
+def write_in_order(src: Rows, order: np.ndarray, state: WorkDir, name: str, chunk: int = 65536,
+                   bucket_bytes: int = 1 << 28) -> np.ndarray:
+    """``src``'s rows as float16 in ``order`` (row ``j`` of the result is ``src`` row ``order[j]``), written to
+    ``state`` and returned memory-mapped.
+
+    An external bucket sort, so memory stays a chunk and a bucket: one sequential pass over ``src`` appends each
+    row to the bucket of its destination range, then each bucket is placed into its contiguous range of the
+    result. Buckets placed are recorded, so a killed run resumes with the next bucket."""
+    from datafilter.common.files import read_json, write_json
+
+    if state.done(name):
+        return state.load(name)
+    m, dim = len(order), src.dim
+    check_disk(state.path, m * dim * 2 * 1.05, f"the list-ordered copy of {m:,} rows of width {dim}")
+    per_bucket = max(1, bucket_bytes // (dim * 2))
+    nb = -(-m // per_bucket)
+    pos = np.empty(m, np.int64)
+    pos[order] = np.arange(m)  # destination of each source row
+    bucket_of = pos // per_bucket
+    by_bucket = np.argsort(bucket_of, kind="stable")  # each bucket's source rows, in source order
+    bb = np.searchsorted(bucket_of[by_bucket], np.arange(nb + 1))
+    bdir = state.path / f"{name}.buckets"
+    progress = state.path / f"{name}.progress.json"
+    placed = read_json(progress)["placed"] if progress.exists() and bdir.is_dir() else -1
+    if placed < 0:  # (re)do the scatter pass
+        shutil.rmtree(bdir, ignore_errors=True)
+        bdir.mkdir(parents=True)
+        files = [open(bdir / f"{b}.bin", "wb") for b in range(nb)]
+        try:
+            for s in tqdm(range(0, m, chunk), desc="order rows", unit="chunk", disable=m <= 8 * chunk):
+                block = src.get(slice(s, s + chunk), np.float16)
+                b = bucket_of[s:s + len(block)]
+                srt = np.argsort(b, kind="stable")
+                edges = np.searchsorted(b[srt], np.arange(nb + 1))
+                for j in np.flatnonzero(np.diff(edges)):
+                    files[j].write(block[srt[edges[j]:edges[j + 1]]].tobytes())
+        finally:
+            for f in files:
+                f.close()
+        placed = 0
+        write_json(progress, {"placed": 0, "buckets": nb})
+    out = state.array(f"{name}.partial", (m, dim), np.float16)
+    for b in tqdm(range(placed, nb), desc="place rows", unit="bucket", disable=nb < 8):
+        data = np.fromfile(bdir / f"{b}.bin", np.float16).reshape(-1, dim)
+        lo = b * per_bucket
+        buf = np.empty_like(data)
+        buf[pos[by_bucket[bb[b]:bb[b + 1]]] - lo] = data
+        out[lo:lo + len(buf)] = buf
+        out.flush()
+        write_json(progress, {"placed": b + 1, "buckets": nb})
+        (bdir / f"{b}.bin").unlink()
+    del out
+    os.replace(state.file(f"{name}.partial"), state.file(name))
+    shutil.rmtree(bdir, ignore_errors=True)
+    progress.unlink(missing_ok=True)
+    state.mark(name)
+    return state.load(name)
+
+
 def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist: int, nprobe: int, seed: int,
-                  niter: int = 10, balance: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+                  niter: int = 10, balance: float = 2.0, state: WorkDir | None = None, copy: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate kNN by clusters with exact distances, computed with matrix products.
 
     k-means on ``part`` (a cheap projection of the rows, e.g. PCA) puts every row in one of about ``nlist`` lists.
@@ -356,9 +473,15 @@ def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist:
     halving bounds the time a dense region takes, and in a region without inner structure it costs some recall,
     since a row's neighbours may fall in a half that is not probed. The members of a list are compared, in the full
     space of ``src``, with the members of the ``nprobe`` lists whose centres are nearest to their own (their own
-    list first). Only the partition is approximate: every distance is exact (``sq``: the rows' squared norms). One BLAS product per list replaces per-query index scans; lists run on a thread per free
-    core with single-threaded BLAS (many small multi-threaded products are slow on a busy machine). Each list
-    reads its candidates straight from ``src``, so memory stays the input plus a few lists per thread.
+    list first). Only the partition is approximate: every distance is exact (``sq``: the rows' squared norms). One
+    BLAS product per list replaces per-query index scans; lists run on a thread per free core with single-threaded
+    BLAS (many small multi-threaded products are slow on a busy machine). Ties are broken by row, whatever the
+    storage, so the graph is the same in memory and on disk.
+
+    ``state``: keep the lists, the graph and its progress there, so a killed build resumes with the lists not yet
+    done. ``copy``: also write the rows into ``state`` in list order first, so each list's candidates are a few
+    contiguous ranges of one file (rows scattered over memory-mapped shards larger than memory would otherwise
+    be read a page at a time, again for every list that probes them).
     Returns ``(ids, squared L2 distances)``; -1 / inf where a row has fewer than k candidates.
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -368,53 +491,81 @@ def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist:
     faiss = faiss_threads()
     m = len(src)
     nlist = max(1, min(nlist, m // 8 or 1))
-    centroids = kmeans(part[sample_rows(np.arange(m), min(m, nlist * 32), seed)], nlist, niter=niter, seed=seed)
-    index = faiss.IndexFlatL2(part.shape[1])
-    index.add(centroids)
-    lists = np.empty(m, np.int64)
-    for s in range(0, m, 65536):
-        lists[s:s + 65536] = index.search(part[s:s + 65536], 1)[1][:, 0]
-    if balance > 0:
-        lists = split_lists(part, lists, max(8, int(balance * m / len(centroids))))
-    _, lists = np.unique(lists, return_inverse=True)  # number the non-empty lists 0..nlist-1
+    if state is not None and state.done("lists"):
+        lists = np.asarray(state.load("lists"))
+    else:
+        centroids = kmeans(part[sample_rows(np.arange(m), min(m, nlist * 32), seed)], nlist, niter=niter,
+                           seed=seed)
+        index = faiss.IndexFlatL2(part.shape[1])
+        index.add(centroids)
+        lists = np.empty(m, np.int64)
+        for s in range(0, m, 65536):
+            lists[s:s + 65536] = index.search(np.ascontiguousarray(part[s:s + 65536]), 1)[1][:, 0]
+        if balance > 0:
+            lists = split_lists(part, lists, max(8, int(balance * m / len(centroids))))
+        _, lists = np.unique(lists, return_inverse=True)  # number the non-empty lists 0..nlist-1
+        if state is not None:
+            state.save("lists", lists)
+            state.mark("lists")
     nlist = int(lists.max()) + 1
     order = np.argsort(lists, kind="stable")
     bounds = np.searchsorted(lists[order], np.arange(nlist + 1))
-    sums = np.stack([np.bincount(lists, weights=part[:, j], minlength=nlist) for j in range(part.shape[1])], 1)
-    centres = (sums / np.diff(bounds)[:, None]).astype(np.float32)  # each list's mean, split lists included
+    sizes = np.diff(bounds)
+    sums = np.zeros((nlist, part.shape[1]), np.float64)
+    for s in range(0, m, 65536):  # each list's mean, split lists included, a chunk of rows at a time
+        np.add.at(sums, lists[s:s + 65536], np.asarray(part[s:s + 65536], np.float64))  # in row order: exact sums
+    centres = (sums / sizes[:, None]).astype(np.float32)
     index = faiss.IndexFlatL2(part.shape[1])
     index.add(centres)
     _, near = index.search(centres, min(nprobe + 1, nlist))
-    ids = np.full((m, k), -1, np.int64)
-    dist = np.full((m, k), np.inf, np.float32)
+    ids = work_array(state, "ids", (m, k), np.int64, -1)
+    dist = work_array(state, "dist", (m, k), np.float32, np.inf)
+    ordered = write_in_order(src, order, state, "ordered") if copy and state is not None else None
+    done = (np.asarray(state.load("lists_done")).copy() if state is not None and state.file("lists_done").exists()
+            else np.zeros(nlist, bool))
 
     def one_list(li: int) -> None:
         lo, hi = bounds[li], bounds[li + 1]
         probe = [li] + [int(j) for j in near[li] if j != li and j >= 0][:max(0, nprobe - 1)]
-        cand = np.concatenate([order[bounds[j]:bounds[j + 1]] for j in probe])  # rows; own list first
-        kk = min(k, len(cand) - 1)
+        rows = np.concatenate([order[bounds[j]:bounds[j + 1]] for j in probe])  # rows; own list first
+        kk = min(k, len(rows) - 1)
         if kk <= 0:
             return
         nm = hi - lo
-        xc = src.get(cand)
+        if ordered is not None:  # the probed lists are contiguous ranges of the ordered copy
+            xc = np.concatenate([ordered[bounds[j]:bounds[j + 1]] for j in probe]).astype(np.float32)
+        else:
+            xc = src.get(rows)
         # |a|^2 is the same for every candidate of row a: rank by |b|^2 - 2 a.b and add it to the k kept
         d = xc[:nm] @ xc.T
         d *= -2.0
-        d += sq[cand][None, :]
+        d += sq[rows][None, :]
         d[np.arange(nm), np.arange(nm)] = np.inf  # own list comes first: the diagonal is self
         sel = np.argpartition(d, kk - 1, axis=1)[:, :kk]
-        sd = np.take_along_axis(d, sel, 1) + sq[cand[:nm], None]
-        sid = cand[sel]
+        sd = np.take_along_axis(d, sel, 1) + sq[rows[:nm], None]
+        sid = rows[sel]
         srt = np.lexsort((sid, sd), axis=1)  # the k kept, by distance, ties by row
-        rows = cand[:nm]
-        ids[rows, :kk] = np.take_along_axis(sid, srt, 1)
-        dist[rows, :kk] = np.maximum(np.take_along_axis(sd, srt, 1), 0)
+        own = rows[:nm]
+        ids[own, :kk] = np.take_along_axis(sid, srt, 1)
+        dist[own, :kk] = np.maximum(np.take_along_axis(sd, srt, 1), 0)
 
-    with threadpool_limits(1), ThreadPoolExecutor(free_cores()) as pool:
-        # biggest lists first, so no long list is left for the end while the other threads idle
-        work = np.argsort(-np.diff(bounds), kind="stable")
-        for _ in tqdm(pool.map(one_list, work), total=nlist, desc="kNN", unit="list", disable=nlist < 256):
-            pass
+    # biggest lists first, so no long list is left for the end while the other threads idle
+    work = [int(li) for li in np.argsort(-sizes, kind="stable") if not done[li]]
+    # checkpoints: about 64 batches of equal cost (a list costs its size times its candidates')
+    cost = np.array([sizes[li] * sizes[near[li][:nprobe]].sum() for li in work], np.float64)
+    cut = np.searchsorted(np.cumsum(cost), np.linspace(0, cost.sum(), 65)[1:-1]) if len(work) else []
+    with threadpool_limits(1), ThreadPoolExecutor(free_cores()) as pool, \
+            tqdm(total=nlist, initial=nlist - len(work), desc="kNN", unit="list", disable=nlist < 256) as bar:
+        for batch in np.split(np.array(work, np.int64), np.unique(cut)) if work else []:
+            for _ in pool.map(one_list, batch.tolist()):
+                bar.update()
+            if state is not None:
+                done[batch] = True
+                ids.flush()
+                dist.flush()
+                state.save("lists_done", done)
+    if state is not None:
+        state.mark("graph")
     return ids, dist
 
 
@@ -439,7 +590,8 @@ class PCA:
 
 
 def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: int = 20000, pca_dim: int = 64,
-              nlist: int = 0, nprobe: int = 6, balance: float = 2.0, seed: int = 0, chunk: int = 16384
+              nlist: int = 0, nprobe: int = 6, balance: float = 2.0, seed: int = 0, chunk: int = 16384,
+              workdir: str | os.PathLike | None = None, copy: bool = False
               ) -> tuple[np.ndarray, np.ndarray, str]:
     """The k nearest neighbours of every row of ``x`` (an array, or ``Rows`` over several arrays), itself excluded.
 
@@ -450,6 +602,10 @@ def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: 
     ``flat``: exhaustive search (``m <= exact_max`` under ``auto``). ``ivf``: ``clustered_knn`` with lists made by
     k-means on a ``pca_dim``-dimensional PCA projection (0: on the full vectors), ``nlist`` lists (0: 4 sqrt(m))
     and ``nprobe`` lists searched per row; lists over ``balance`` times the mean size are halved (0: never).
+
+    ``workdir`` (ivf): keep the projection, the lists and the graph there as memory-mapped files, so memory stays
+    bounded and a killed build resumes where it stopped; ``copy`` also writes the rows there in list order
+    (``clustered_knn``). A finished graph found there is returned as is.
     """
     faiss = faiss_threads()
     src = x if isinstance(x, Rows) else Rows([np.asarray(x)])
@@ -473,13 +629,25 @@ def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: 
         return ids, dist, method
     if method != "ivf":
         raise ValueError(f"unknown kNN method {method!r} (auto, flat, ivf)")
-    pca = PCA(src.get(sample_rows(np.arange(m), min(m, 20_000), seed)), pca_dim) if 0 < pca_dim < d else None
-    part = np.empty((m, pca_dim if pca is not None else d), np.float32)
-    sq = np.empty(m, np.float32)
-    for s in tqdm(range(0, m, chunk), desc="project", unit="chunk", disable=m <= 4 * chunk):
-        block = src.get(slice(s, s + chunk))
-        sq[s:s + len(block)] = np.einsum("ij,ij->i", block, block)
-        part[s:s + len(block)] = pca.apply(block) if pca is not None else block
+    state = WorkDir(workdir) if workdir is not None else None
+    if state is not None and state.done("graph"):
+        return state.load("ids"), state.load("dist"), method
+    width = pca_dim if 0 < pca_dim < d else d
+    part = work_array(state, "part", (m, width), np.float32)
+    sq = work_array(state, "sq", (m,), np.float32)
+    if state is None or not state.done("part"):
+        pca = PCA(src.get(sample_rows(np.arange(m), min(m, 20_000), seed)), pca_dim) if width < d else None
+        for s in tqdm(range(0, m, chunk), desc="project", unit="chunk", disable=m <= 4 * chunk):
+            block = src.get(slice(s, s + chunk))
+            sq[s:s + len(block)] = np.einsum("ij,ij->i", block, block)
+            part[s:s + len(block)] = pca.apply(block) if pca is not None else block
+        if state is not None:
+            part.flush()
+            sq.flush()
+            state.mark("part")
     ids, dist = clustered_knn(src, part, sq, k, nlist=nlist or max(1, int(4 * np.sqrt(m))), nprobe=nprobe,
-                             balance=balance, seed=seed)
+                              balance=balance, seed=seed, state=state, copy=copy)
+    if state is not None:  # the graph is all a later run needs; the rest is large
+        del part
+        state.remove("part", "sq", "ordered", "lists", "lists_done")
     return ids, dist, method

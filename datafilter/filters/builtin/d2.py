@@ -17,14 +17,16 @@ which gives exactly the repeated-argmax order (ties: lowest row first).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from datafilter.common.files import stable_hash
 from datafilter.filters.base import Filter
-from datafilter.filters.ops import Rows, knn_graph
+from datafilter.filters.ops import Rows, available_memory, knn_graph
 from datafilter.filters.view import FilterView
 
 EPS = 1e-7
@@ -143,6 +145,8 @@ def reverse_pass_lookahead(graph_scores: np.ndarray, nbrs: np.ndarray, dists: np
 
 
 SELECTIONS = {"greedy": reverse_pass, "lookahead": reverse_pass_lookahead}
+# The settings a kNN graph depends on: a graph kept on disk is reused when these (and the rows) are the same.
+GRAPH_FIELDS = ("k", "exact_max", "pca_dim", "nlist", "nprobe", "balance", "seed")
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,11 @@ class D2Config:
     kNN: ``knn`` = auto (exhaustive up to ``exact_max`` samples, else ivf), flat or ivf; ivf splits the samples
     into ``nlist`` lists (0 = 4 sqrt(N)) by k-means on a ``pca_dim``-dimensional PCA projection and compares each
     sample with the members of the ``nprobe`` nearest lists, with exact distances; lists over ``balance`` times the
-    mean size are halved along their principal axis (0: never; higher: more recall in dense regions, more time)."""
+    mean size are halved along their principal axis (0: never; higher: more recall in dense regions, more time).
+    ``on_disk``: keep the kNN graph's working arrays and the graph itself in files under the view's work directory
+    (resumable after a kill; a finished graph is reused by a later run with the same inputs and kNN settings, such
+    as another ``fraction``), with the rows copied there in list order; ``auto`` does so when the embeddings read
+    exceed a quarter of the available memory."""
 
     fraction: float = 0.3
     features: Literal["image_text", "image", "text"] = "image_text"
@@ -172,6 +180,7 @@ class D2Config:
     nlist: int = 0
     nprobe: int = 6
     balance: float = 2.0
+    on_disk: Literal["auto", "always", "never"] = "auto"
     seed: int = 0
 
     def __post_init__(self):
@@ -194,16 +203,26 @@ class D2Filter(Filter):
 
     def select(self, view: FilterView) -> np.ndarray:
         c = self.config
+        kinds = {"image_text": ("image", "text"), "image": ("image",), "text": ("text",)}[c.features]
         scores = view.scores(c.score_column or None)
-        valid = view.valid & np.isfinite(scores)
+        valid = view.usable(*kinds) & np.isfinite(scores)
         self.drop("no_embedding", int((~valid).sum()))
         rows = np.flatnonzero(valid)
-        parts = {"image_text": [view.image_embeddings(), view.text_embeddings()],
-                 "image": [view.image_embeddings()], "text": [view.text_embeddings()]}[c.features]
+        parts = [view.image_embeddings() if kind == "image" else view.text_embeddings() for kind in kinds]
+        src = Rows(parts, rows)
+        m = len(rows)
+        big = m * src.dim * 2 > available_memory() / 4
+        method = c.knn if c.knn != "auto" else ("flat" if m <= c.exact_max else "ivf")
+        workdir = None
+        if method == "ivf" and (c.on_disk == "always" or (c.on_disk == "auto" and big)):
+            key = stable_hash({"pool": view.pool_id, "space": view.space, "rows": hashlib.sha256(rows).hexdigest(),
+                               "features": c.features, **{f: getattr(c, f) for f in GRAPH_FIELDS}})
+            workdir = view.workdir / f"d2_knn-{key}"
+            self.details["knn_workdir"] = str(workdir)
         with self.phase("knn"):
-            nbrs, dists, method = knn_graph(Rows(parts, rows), c.k, method=c.knn, exact_max=c.exact_max,
-                                            pca_dim=c.pca_dim, nlist=c.nlist, nprobe=c.nprobe, balance=c.balance,
-                                            seed=c.seed)
+            nbrs, dists, method = knn_graph(src, c.k, method=method, exact_max=c.exact_max, pca_dim=c.pca_dim,
+                                            nlist=c.nlist, nprobe=c.nprobe, balance=c.balance, seed=c.seed,
+                                            workdir=workdir, copy=workdir is not None)
             self.details["knn"] = method
         with self.phase("forward"):
             g = forward_pass(scores[rows] + c.score_offset, nbrs, dists, c.gamma)
