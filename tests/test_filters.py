@@ -426,6 +426,29 @@ def test_negclip_one_batch_matches_the_formula():
     assert np.array_equal(res.uids, sort_uids(arr["uids"][top_fraction_mask(neg, 0.5)]))
 
 
+def test_negclip_batches_stay_within_shards_as_the_papers_code():
+    view, arr = array_view(64, seed=10, shard_rows=[30, 34])
+    res = run("negclip", view, fraction=0.5, temperature=0.05)  # batch 32,768: each shard is one batch
+    neg = np.empty(64)
+    for lo, hi in ((0, 30), (30, 64)):
+        a, b = arr["image"][lo:hi], arr["text"][lo:hi]
+        s = a @ b.T / 0.05
+        lse = lambda m, ax: np.log(np.exp(m - m.max()).sum(ax)) + m.max()  # noqa: E731
+        neg[lo:hi] = (a * b).sum(1) - 0.025 * (lse(s, 1) + lse(s, 0))
+    assert np.array_equal(res.uids, sort_uids(arr["uids"][top_fraction_mask(neg, 0.5)]))
+    pooled = run("negclip", view, fraction=0.5, temperature=0.05, batching="pool")  # one batch of all 64
+    assert not np.array_equal(pooled.uids, res.uids)
+
+
+def test_normsim_inverted_lists_equal_exhaustive_when_every_list_is_probed():
+    target = unit(np.random.default_rng(1).normal(size=(40, 8)))
+    view, arr = array_view(80, seed=11, references={"target": target})
+    exact = run("normsim", view, reference="target", search="exact", fraction=0.25)
+    ivf = run("normsim", view, reference="target", search="ivf", nlist=5, nprobe=5, fraction=0.25)
+    assert np.array_equal(exact.uids, ivf.uids) and ivf.extra["normsim"]["search"]["method"] == "ivf"
+    assert ivf.extra["normsim"]["search"]["recall_sample"]["agree_with_exhaustive"] == 1.0
+
+
 @pytest.mark.parametrize("p", ["inf", "2"])
 def test_normsim_matches_the_formula(p):
     view, arr = array_view(80, seed=11, references={"target": unit(np.random.default_rng(0).normal(size=(5, 8)))})

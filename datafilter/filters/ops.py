@@ -549,6 +549,8 @@ def clustered_knn(src: Rows, part: np.ndarray, sq: np.ndarray, k: int, *, nlist:
         ids[own, :kk] = np.take_along_axis(sid, srt, 1)
         dist[own, :kk] = np.maximum(np.take_along_axis(sd, srt, 1), 0)
 
+    if done.any():
+        log.info("kNN graph in %s: resuming, %d of %d lists already done", state.path, int(done.sum()), nlist)
     # biggest lists first, so no long list is left for the end while the other threads idle
     work = [int(li) for li in np.argsort(-sizes, kind="stable") if not done[li]]
     # checkpoints: about 64 batches of equal cost (a list costs its size times its candidates')
