@@ -132,27 +132,37 @@ class InnerProductIndex:
     def __init__(self, vectors: np.ndarray, *, method: str = "auto", nlist: int = 0, nprobe: int = 32,
                  seed: int = 0, niter: int = 10):
         faiss = faiss_threads()
-        vectors = np.ascontiguousarray(vectors, np.float32)
         k, d = vectors.shape
         if method == "auto":
             method = "exact" if k < IVF_MIN_VECTORS else "ivf"
         if method not in ("exact", "ivf"):
             raise ValueError(f"unknown assignment method {method!r} (auto, exact, ivf)")
         self.method, self.k, self.dim = method, k, d
-        self.flat = faiss.IndexFlatIP(d)
-        self.flat.add(vectors)
-        if method == "ivf":
-            nlist = min(k, nlist or max(1, int(round(3.2 * np.sqrt(k)))))
-            centres = kmeans(vectors, nlist, niter=niter, seed=seed)
-            coarse = faiss.IndexFlatL2(d)
-            coarse.add(centres)
-            group = coarse.search(vectors, 1)[1][:, 0]
-            order = np.argsort(group, kind="stable")  # members of a group in increasing index order
-            self.bounds = np.searchsorted(group[order], np.arange(nlist + 1))
-            self.members = order
-            self.grouped = np.ascontiguousarray(vectors[order])
-            self.centres = np.ascontiguousarray(centres, np.float32)
-            self.nlist, self.nprobe = nlist, max(1, min(nprobe, nlist))
+        if method == "exact":
+            self.flat = faiss.IndexFlatIP(d)
+            self.flat.add(np.ascontiguousarray(vectors, np.float32))
+            return
+        nlist = min(k, nlist or max(1, int(round(3.2 * np.sqrt(k)))))
+        # the groups' k-means sees at most 64 vectors per group, as faiss's own training would subsample
+        centres = kmeans(gather_float32(vectors, sample_rows(np.arange(k), nlist * 64, seed)), nlist, niter=niter,
+                         seed=seed)
+        coarse = faiss.IndexFlatL2(d)
+        coarse.add(centres)
+        group = np.empty(k, np.int64)
+        for start, block in float32_rows(vectors, np.arange(k)):
+            group[start:start + len(block)] = coarse.search(block, 1)[1][:, 0]
+        order = np.argsort(group, kind="stable")  # members of a group in increasing index order
+        self.bounds = np.searchsorted(group[order], np.arange(nlist + 1))
+        self.members = order
+        # kept in the vectors' own precision (float16 targets stay half the size); widened a group at a time,
+        # which is exact
+        self.grouped = np.ascontiguousarray(vectors[order])
+        self.centres = faiss.IndexFlatIP(d)
+        self.centres.add(np.ascontiguousarray(centres, np.float32))
+        self.nlist, self.nprobe = nlist, max(1, min(nprobe, nlist))
+
+    def _group(self, g: int) -> np.ndarray:
+        return np.asarray(self.grouped[self.bounds[g]:self.bounds[g + 1]], np.float32)
 
     def describe(self) -> dict:
         out = {"method": self.method, "vectors": self.k}
@@ -161,8 +171,23 @@ class InnerProductIndex:
         return out
 
     def search_exact(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sims, ids = self.flat.search(np.ascontiguousarray(x, np.float32), 1)
-        return ids[:, 0].astype(np.int64), sims[:, 0]
+        """Exhaustive search (under ``ivf``, over the grouped copy, so no third copy of the vectors is held)."""
+        x = np.ascontiguousarray(x, np.float32)
+        if self.method == "exact":
+            sims, ids = self.flat.search(x, 1)
+            return ids[:, 0].astype(np.int64), sims[:, 0]
+        sims = np.full(len(x), -np.inf, np.float32)
+        ids = np.zeros(len(x), np.int64)
+        for g in range(self.nlist):  # every group: an exhaustive search with the grouped copy
+            prod = x @ self._group(g).T
+            if prod.shape[1] == 0:
+                continue
+            a = prod.argmax(axis=1)
+            v = prod[np.arange(len(x)), a]
+            ids_g = self.members[self.bounds[g] + a]
+            better = (v > sims) | ((v == sims) & (ids_g < ids))
+            sims[better], ids[better] = v[better], ids_g[better]
+        return ids, sims
 
     def search(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(index of the best vector, its inner product)`` for each row of ``x`` ([m, d] float32)."""
@@ -174,10 +199,8 @@ class InnerProductIndex:
 
         x = np.ascontiguousarray(x, np.float32)
         m = len(x)
-        coarse = x @ self.centres.T
         p = self.nprobe
-        top = np.argpartition(-coarse, p - 1, axis=1)[:, :p] if p < self.nlist else np.tile(np.arange(p), (m, 1))
-        del coarse
+        top = self.centres.search(x, p)[1] if p < self.nlist else np.tile(np.arange(p), (m, 1))
         gi = top.ravel()
         pair = np.argsort(gi, kind="stable")
         qi = (pair // p).astype(np.int64)  # the query of each (query, group) pair, grouped by group
@@ -187,10 +210,9 @@ class InnerProductIndex:
 
         def one(g: int):
             qs = qi[gb[g]:gb[g + 1]]
-            lo, hi = self.bounds[g], self.bounds[g + 1]
-            sims = x[qs] @ self.grouped[lo:hi].T
+            sims = x[qs] @ self._group(g).T
             a = sims.argmax(axis=1)  # first maximum: the lowest index within the group
-            return qs, sims[np.arange(len(qs)), a], self.members[lo + a]
+            return qs, sims[np.arange(len(qs)), a], self.members[self.bounds[g] + a]
 
         work = [g for g in range(self.nlist) if gb[g + 1] > gb[g] and self.bounds[g + 1] > self.bounds[g]]
         with threadpool_limits(1), ThreadPoolExecutor(free_cores()) as pool:

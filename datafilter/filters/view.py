@@ -413,14 +413,14 @@ class FilterView:
             if arr.ndim != 2:
                 raise ValueError(f"reference set {name!r} ({src if isinstance(src, (str, Path)) else 'array'}) "
                                  f"has shape {arr.shape}, expected [m, dim]")
-            finite = np.isfinite(arr).all(axis=1)
+            finite = usable_rows([arr])
             if not finite.all():  # a reference image that failed to embed carries no information
-                log.warning("reference set %r: ignoring %d row(s) without a finite embedding", name,
+                log.warning("reference set %r: ignoring %d row(s) without a finite, non-zero embedding", name,
                             int((~finite).sum()))
-                arr = np.asarray(arr)[finite]
+                arr = arr[np.flatnonzero(finite)]
             if len(arr) == 0:
                 raise ValueError(f"reference set {name!r} has no usable embeddings")
-            self._cache[key] = _read_only(np.asarray(arr))
+            self._cache[key] = _read_only(arr if isinstance(arr, ShardedArray) else np.asarray(arr))
         return self._cache[key]
 
     def reference_labels(self, name: str) -> np.ndarray | None:

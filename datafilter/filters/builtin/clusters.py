@@ -148,10 +148,11 @@ def target_cluster_mask(flt: Filter, view: FilterView, cfg: ImageBasedConfig,
     pca = None
     with flt.phase("kmeans"):
         if given is not None:
-            centroids = given
+            centroids, given = given, None
             flt.details.update(centroids=str(cfg.centroids))
         else:
             centroids, pca = train_centroids(flt, img, train, cfg, cluster_count(cfg, view.n))
+    n_clusters = len(centroids)
     with flt.phase("assign"):
         labels = np.full(view.n, -1, np.int64)
         if pca is not None:
@@ -161,6 +162,7 @@ def target_cluster_mask(flt: Filter, view: FilterView, cfg: ImageBasedConfig,
         else:
             index = InnerProductIndex(centroids, method=cfg.assign, nlist=cfg.nlist, nprobe=cfg.nprobe,
                                       seed=cfg.seed)
+            centroids = None  # the index holds its own copy
             labels[rows] = index.assign(img, rows, desc="assign")
             targets = np.unique(index.assign(ref, np.arange(len(ref))))
             flt.details["assignment"] = index.describe()
@@ -172,8 +174,8 @@ def target_cluster_mask(flt: Filter, view: FilterView, cfg: ImageBasedConfig,
                          100 * recall, min(cfg.recall_sample, len(rows)))
     in_target = np.isin(labels, targets) & keep
     flt.drop("off_target_cluster", int((keep & ~in_target).sum()))
-    flt.details.update(clusters=len(centroids), target_clusters=len(targets))
-    log.info("%s: %d clusters, %d of them nearest to a reference sample", flt.name, len(centroids), len(targets))
+    flt.details.update(clusters=n_clusters, target_clusters=len(targets))
+    log.info("%s: %d clusters, %d of them nearest to a reference sample", flt.name, n_clusters, len(targets))
     return in_target
 
 
