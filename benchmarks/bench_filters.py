@@ -268,10 +268,11 @@ def whole_process(cmd: list[str]) -> dict:
 def plan(n: int, args) -> list[tuple[str, str, dict]]:
     """(label, space, params) of our runs at size n."""
     fast = {"caption_filter": False, "kmeans_sample": n // 4, "niter": args.niter, "pca_dim": args.pca_dim,
-            "candidates": args.candidates}
+            "candidates": args.candidates, "samples_per_cluster": 128}
     runs = [("clip_score", "img768", {}), ("image_based", "img768", fast), ("d2_pruning", "pair512", {"k": 10})]
     if n <= args.datacomp_setting_max:
-        runs.append(("image_based@datacomp", "img768", {"caption_filter": False, "kmeans_sample": 0, "niter": 20}))
+        runs.append(("image_based@datacomp", "img768", {"caption_filter": False, "kmeans_sample": 0, "niter": 20,
+                                                        "samples_per_cluster": 128}))
     if n <= args.all_max:
         runs += [("none", "img768", {}), ("random", "img768", {}), ("basic", "img768", {"language": ""}),
                  ("semdedup", "img768", {"kmeans_sample": n // 4, "niter": args.niter}),

@@ -193,40 +193,38 @@ class DataCompMetadata:
         return EmbeddingError(f"{where}: {key} has shape {shape} but {self.parquets[index].name} has "
                               f"{self.rows[index]} rows")
 
-    def _check_shape(self, where: Path, key: str, shape: tuple, index: int, dim: int | None = None) -> None:
+    def _check_shape(self, where: Path, key: str, shape: tuple, index: int) -> None:
         if len(shape) != 2 or shape[0] != self.rows[index]:
             raise self._shape_error(where, key, shape, index)
-        if dim is not None and shape[1] != dim:
-            raise EmbeddingError(f"{where}: {key} has width {shape[1]}, other shards have {dim}")
+
+    def _unpacked(self, index: int, kind: str) -> np.ndarray | None:
+        """The unpacked array of one shard, memory-mapped and checked, or None if there is none."""
+        unpacked = self.unpacked_path(index, kind)
+        if not unpacked.is_file():
+            return None
+        try:
+            arr = np.load(unpacked, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise EmbeddingError(f"{unpacked}: unreadable ({exc}); delete it and unpack again") from None
+        self._check_shape(unpacked, self.key(kind), arr.shape, index)
+        return arr
 
     def header(self, index: int, kind: str) -> tuple[tuple[int, ...], np.dtype]:
         """Shape and dtype of one shard's array (from the unpacked file if there is one), checked against the
         parquet's row count. Reads headers only."""
-        key = self.key(kind)
-        unpacked = self.unpacked_path(index, kind)
-        if unpacked.is_file():
-            try:
-                arr = np.load(unpacked, mmap_mode="r")
-            except (OSError, ValueError) as exc:
-                raise EmbeddingError(f"{unpacked}: unreadable ({exc}); delete it and unpack again") from None
-            shape, dtype, where = arr.shape, arr.dtype, unpacked
-        else:
-            m = npz_member(self.npz_path(index), key)
-            shape, dtype, where = m.shape, m.dtype, self.npz_path(index)
-        self._check_shape(where, key, shape, index)
-        return shape, dtype
+        arr = self._unpacked(index, kind)
+        if arr is not None:
+            return arr.shape, arr.dtype
+        m = npz_member(self.npz_path(index), self.key(kind))
+        self._check_shape(self.npz_path(index), self.key(kind), m.shape, index)
+        return m.shape, m.dtype
 
     def shard_array(self, index: int, kind: str) -> np.ndarray:
         """``img`` or ``txt`` embeddings of one shard: a memory map where the file allows it (an unpacked array, or
         an uncompressed ``.npz`` member), else the member decompressed into memory."""
         key = self.key(kind)
-        unpacked = self.unpacked_path(index, kind)
-        if unpacked.is_file():
-            try:
-                arr = np.load(unpacked, mmap_mode="r")
-            except (OSError, ValueError) as exc:
-                raise EmbeddingError(f"{unpacked}: unreadable ({exc}); delete it and unpack again") from None
-            self._check_shape(unpacked, key, arr.shape, index)
+        arr = self._unpacked(index, kind)
+        if arr is not None:
             return arr
         npz = self.npz_path(index)
         m = npz_member(npz, key)

@@ -170,16 +170,22 @@ class InnerProductIndex:
             out.update(nlist=self.nlist, nprobe=self.nprobe)
         return out
 
-    def search_exact(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exhaustive search (under ``ivf``, over the grouped copy, so no third copy of the vectors is held)."""
+    def search_exact(self, x: np.ndarray, absolute: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Exhaustive search (under ``ivf``, over the grouped copy a group at a time, so no other copy of the
+        vectors and no [queries, vectors] matrix is held); ``absolute``: of ``|<x, v>|``."""
         x = np.ascontiguousarray(x, np.float32)
-        if self.method == "exact":
+        if self.method == "exact" and not absolute:
             sims, ids = self.flat.search(x, 1)
             return ids[:, 0].astype(np.int64), sims[:, 0]
+        if self.method == "exact":
+            best = np.maximum(self.flat.search(x, 1)[0][:, 0], self.flat.search(-x, 1)[0][:, 0])
+            return np.full(len(x), -1, np.int64), best
         sims = np.full(len(x), -np.inf, np.float32)
         ids = np.zeros(len(x), np.int64)
         for g in range(self.nlist):  # every group: an exhaustive search with the grouped copy
             prod = x @ self._group(g).T
+            if absolute:
+                np.abs(prod, out=prod)
             if prod.shape[1] == 0:
                 continue
             a = prod.argmax(axis=1)
@@ -225,6 +231,8 @@ class InnerProductIndex:
     def max_abs(self, x: np.ndarray) -> np.ndarray:
         """``max_j |<x, v_j>|`` for each row of ``x``: the larger of the best inner products of ``x`` and ``-x``."""
         x = np.ascontiguousarray(x, np.float32)
+        if self.method == "exact":
+            return self.search_exact(x, absolute=True)[1]
         return np.maximum(self.search(x)[1], self.search(-x)[1])
 
     def assign(self, arr: np.ndarray, rows: np.ndarray, chunk: int = 65536, desc: str | None = None) -> np.ndarray:
