@@ -387,3 +387,13 @@ def test_rows_written_in_order_resume_after_a_kill(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "fromfile", real)
     out = ops.write_in_order(ops.Rows([x]), order, state, "ordered", chunk=128, bucket_bytes=6 * 2 * 100)
     assert np.array_equal(out, x[order]) and state.done("ordered")
+
+
+def test_datacomp_scale_sets_its_kmeans_sample_ratio():
+    from test_filters import array_view
+
+    view, _ = array_view(300, seed=2, references={"imagenet_train": np.ones((2, 8), np.float16)})
+    res = run("image_based", view, clusters=5, caption_filter=False, scale="large")
+    assert res.extra["kmeans_points"] == int(300 * 0.3)  # DataComp: sample_ratio 0.3 at large
+    with pytest.raises(ValueError, match="not both"):
+        run("image_based", view, scale="xlarge", kmeans_sample_ratio=0.5)

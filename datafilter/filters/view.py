@@ -374,10 +374,6 @@ class FilterView:
             self._cache[key] = _read_only(ok)
         return self._cache[key]
 
-    @property
-    def num_shards(self) -> int:
-        return len(self.shard_offsets) - 1
-
     # --- reference sets --------------------------------------------------------------------------------------------
     @property
     def references(self) -> list[str]:
@@ -387,11 +383,12 @@ class FilterView:
         if name in self._refs:
             return self._refs[name]
         from datafilter.embed.datacomp import expand_paths, is_saved_file
+        from datafilter.embed.store import EmbeddingError
 
         if is_saved_file(name):
             try:
                 return name if all(p.is_file() for p in expand_paths(name)) else None
-            except Exception:  # a glob that matches nothing
+            except EmbeddingError:  # a glob that matches nothing
                 return None
         return None
 

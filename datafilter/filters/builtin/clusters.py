@@ -41,7 +41,8 @@ class ImageBasedConfig:
     of k-means, so a CPU machine only assigns. ``reference``: a reference set by name, or files such as DataComp's
     ``in1k_clip_vit_l14_*.pt`` (their ``image_features``).
     ``clusters``: k-means clusters; ``samples_per_cluster`` > 0 sets ``clusters = pool size // samples_per_cluster``
-    instead (128 is DataComp small's ratio, for pools far smaller than DataComp's). ``kmeans_sample``: train on this
+    instead (128 is DataComp small's ratio, for pools far smaller than DataComp's). ``scale``: one of DataComp's
+    (small, medium, large, xlarge) sets ``kmeans_sample_ratio`` to DataComp's for it. ``kmeans_sample``: train on this
     many samples (overrides the ratio); ``kmeans_gpu``: on faiss's GPUs when there are any.
     ``assign``: ``exact`` compares each sample with every centroid; ``ivf`` with the centroids of its ``nprobe``
     nearest of ``nlist`` groups (0: about 3.2 sqrt(clusters)); ``auto``: ``ivf`` from 16,384 centroids on.
@@ -56,6 +57,7 @@ class ImageBasedConfig:
     clusters: int = DATACOMP_CLUSTERS
     samples_per_cluster: int = 0
     kmeans_sample_ratio: float = 1.0
+    scale: Literal["", "small", "medium", "large", "xlarge"] = ""
     kmeans_sample: int = 0
     niter: int = 20
     kmeans_gpu: bool = True
@@ -75,6 +77,16 @@ class ImageBasedConfig:
             raise ValueError(f"kmeans_sample_ratio must be in (0, 1], got {self.kmeans_sample_ratio}")
         if self.clusters < 1 or self.samples_per_cluster < 0 or self.nprobe < 1:
             raise ValueError("clusters and nprobe must be >= 1, samples_per_cluster >= 0")
+        if self.scale and self.kmeans_sample_ratio != 1.0:
+            raise ValueError("set scale (DataComp's sample ratio for it) or kmeans_sample_ratio, not both")
+
+    @property
+    def sample_ratio(self) -> float:
+        return DATACOMP_SAMPLE_RATIO[self.scale] if self.scale else self.kmeans_sample_ratio
+
+    @property
+    def released_centroids(self) -> str:
+        return DATACOMP_CENTROIDS[self.scale or "small"]
 
 
 def caption_filter_mask(view: FilterView, language: str, language_model: str = FASTTEXT) -> np.ndarray:
@@ -94,22 +106,22 @@ def cluster_count(cfg: ImageBasedConfig, n: int) -> int:
 
 def train_centroids(flt: Filter, img: np.ndarray, rows: np.ndarray, cfg: ImageBasedConfig, k: int):
     """k-means on the training rows (the caption-filtered samples or a share of them): ``(centroids, pca)``."""
-    size = cfg.kmeans_sample or int(len(rows) * cfg.kmeans_sample_ratio)
+    size = cfg.kmeans_sample or int(len(rows) * cfg.sample_ratio)
     train_rows = sample_rows(rows, size, cfg.seed)
     if k > len(train_rows):
         raise ValueError(f"{k:,} clusters need at least as many k-means points, and {len(train_rows):,} samples "
                          "are there to train on; set clusters=, samples_per_cluster= (128: DataComp small's "
-                         "ratio) or centroids= (a centroid file)")
+                         f"ratio) or centroids= (a centroid file such as DataComp's {cfg.released_centroids})")
     dim = cfg.pca_dim if 0 < cfg.pca_dim < img.shape[1] else img.shape[1]
     check_memory(len(train_rows) * dim * 4 * 1.2, f"k-means on {len(train_rows):,} points of width {dim}",
                  "train on a share of them (kmeans_sample_ratio=, kmeans_sample=) or give DataComp's released "
-                 "centroids (centroids=small_centroids_l14.pt)")
+                 f"centroids (centroids={cfg.released_centroids})")
     gpu = cfg.kmeans_gpu and gpu_count() > 0
     flop = 2.0 * len(train_rows) * k * dim * cfg.niter
     if not gpu and flop > CPU_KMEANS_WARN_FLOP:
         log.warning("%s: k-means of %s points into %s clusters is about %.0f TFLOP, hours on a CPU; DataComp runs "
-                    "it on GPUs and releases the centroids (centroids=small_centroids_l14.pt)", flt.name,
-                    f"{len(train_rows):,}", f"{k:,}", flop / 1e12)
+                    "it on GPUs and releases the centroids (centroids=%s)", flt.name, f"{len(train_rows):,}",
+                    f"{k:,}", flop / 1e12, cfg.released_centroids)
     flt.details.update(kmeans_points=len(train_rows), kmeans_device="gpu" if gpu else "cpu")
     if dim < img.shape[1]:
         return pca_kmeans(img, train_rows, k, dim=dim, niter=cfg.niter, seed=cfg.seed)
