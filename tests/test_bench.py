@@ -123,6 +123,33 @@ def test_table_shows_published_rows_chance_and_one_seed_honestly(tmp_path):
     assert "Spearman 1.00" in md and Path(paths["plot"]).stat().st_size > 0
 
 
+def test_runs_side_by_side_plan(monkeypatch):
+    from datafilter.bench import runs
+
+    monkeypatch.setattr(runs, "free_cores", lambda: 2)
+    assert runs.plan_parallel(0, None, 9) == (2, 1)  # default: one one-thread run per free core
+    assert runs.plan_parallel(0, 2, 9) == (1, 2)  # --threads alone: one run at a time with that many threads
+    assert runs.plan_parallel(3, None, 2) == (2, None)  # never more workers than runs
+    assert runs.plan_parallel(1, None, 9) == (1, None)
+
+
+def test_progress_line_counts_runs_and_estimates_the_rest(caplog):
+    from datafilter.bench.progress import BenchProgress
+
+    p = BenchProgress("x", ["pool", "train + evaluate"])
+    with caplog.at_level("INFO", logger="datafilter.bench"):
+        p.stage("train + evaluate")
+        p.start_runs(5, parallel=2)
+        p.run_finished("A", 0, None)  # from the cache: no estimate yet
+        p.run_finished("B", 0, 60.0)
+        p.run_finished("C", 0, 120.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "bench x · stage 2/2: train + evaluate" in lines[0]
+    assert "run 1 of 5 done: A, seed 0 (cached) · ETA after the first run" in lines[1]
+    # two left, two side by side, 90 s per run on average: one more round of 1:30
+    assert "run 3 of 5 done: C, seed 0 (2:00) · ETA 1:30" in lines[3]
+
+
 def test_config_errors_are_named(tmp_path):
     with pytest.raises(BenchConfigError, match="labels must differ"):
         load_bench_config(_config(tmp_path, filters=[{"label": "A", "name": "none"}, {"label": "a", "name": "none"}]))
