@@ -259,10 +259,11 @@ def test_d2_lookahead_selection_equals_the_authors_loop(seed, k):
     assert np.array_equal(reverse_pass_lookahead(g, nbrs, d, 1.0, 200), naive_lookahead(g, nbrs, d, 1.0, 200))
 
 
-@pytest.mark.parametrize("features", ["image_text", "image", "text"])
-def test_d2_filter_equals_brute_force_on_exact_neighbours(features):
+@pytest.mark.parametrize("features, selection", [("image_text", "greedy"), ("image_text", "lookahead"),
+                                                 ("image", "lookahead"), ("text", "greedy")])
+def test_d2_filter_equals_brute_force_on_exact_neighbours(features, selection):
     view, arr = array_view(160, seed=7, invalid=(3, 50))
-    res = run("d2_pruning", view, fraction=0.4, features=features, k=6, gamma=2.0, beta=1.5)
+    res = run("d2_pruning", view, fraction=0.4, features=features, k=6, gamma=2.0, beta=1.5, selection=selection)
     rows = np.flatnonzero(arr["valid"])
     x = {"image_text": np.hstack([arr["image"], arr["text"]]), "image": arr["image"], "text": arr["text"]}[features]
     x = x[rows].astype(np.float64)
@@ -272,7 +273,8 @@ def test_d2_filter_equals_brute_force_on_exact_neighbours(features):
     dist = np.take_along_axis(d2, nbrs, 1)
     s = np.maximum(arr["score"][rows] + 0.115, 1e-7)
     g = s + (np.exp(-2.0 * dist) * s[nbrs]).sum(1)
-    picked = naive_reverse(g, nbrs, dist, 1.5, int(len(rows) * 0.4))
+    naive = {"greedy": naive_reverse, "lookahead": naive_lookahead}[selection]
+    picked = naive(g, nbrs, dist, 1.5, int(len(rows) * 0.4))
     assert np.array_equal(res.uids, sort_uids(arr["uids"][rows[picked]]))
     assert res.counts == {"no_embedding": 2, "d2_pruned": len(rows) - len(picked)}
 
