@@ -34,9 +34,10 @@ def register(commands) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from datafilter.bench.config import load_bench_config
     from datafilter.bench.run import run_bench
+    from datafilter.bench.validate import check_bench_config
     from datafilter.common.launch import free_cores
 
-    cfg = load_bench_config(args.config, seeds=args.seeds, samples_seen=args.samples_seen)
+    cfg = check_bench_config(load_bench_config(args.config, seeds=args.seeds, samples_seen=args.samples_seen))
     summary = run_bench(cfg, args.work, workers=args.workers or free_cores(), threads=args.threads,
                         stop_after=args.stop_after)
     tables = summary.get("tables")
