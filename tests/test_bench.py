@@ -64,6 +64,14 @@ def test_bench_runs_every_stage_and_resumes(tmp_path, nano_builds):
     assert {p: p.stat().st_mtime_ns for p in ckpts} == before
     assert subset.stat().st_mtime_ns == subset_mtime
 
+    # --redo filter reruns the filters (same bytes, so the runs are reused); --redo evaluate only evaluates again.
+    run_bench(load_bench_config(_config(tmp_path, **dirs)), work, workers=1, redo=("filter", "evaluate"))
+    assert subset.stat().st_mtime_ns != subset_mtime
+    assert all(p.stat().st_mtime_ns != before[p] for p in ckpts)
+    assert all((p.parent / "train.json").exists() for p in ckpts)
+    with pytest.raises(ValueError, match="gives its pool"):
+        run_bench(load_bench_config(_config(tmp_path, **dirs)), work, workers=1, redo=("pool",))
+
     # Changing a filter's parameters redoes that subset (and only that one).
     cfg = _config(tmp_path, **dirs, filters=[{"label": "CLIP score (30%)", "name": "clip_score", "params": {"fraction": 0.5}}])
     run_bench(load_bench_config(cfg), work, workers=1, stop_after="filter")
