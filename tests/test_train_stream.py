@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,10 +41,6 @@ def _batches(pool_dir: Path, tmp: Path, *, subset: Path | None = None, steps: in
     return StreamBatches(source, augment=augment, tokenizer=_tokens, seed=seed, origin=0, rank=0, world_size=1,
                          streams=streams, start=start, steps=steps, batch_size_at=lambda s: batch, buffer=buffer,
                          initial=initial, states=states)
-
-
-def _uid_of_row(pool: Pool) -> np.ndarray:
-    return pool.uids
 
 
 def test_exact_batches_a_reproducible_order_and_shards_read_in_order(tmp_path):
@@ -134,16 +131,16 @@ def test_training_streamed_resumes_after_a_kill_with_the_same_weights(tmp_path, 
     kill_during_step(monkeypatch, 7, lambda: train(pool, tmp_path / "killed", cfg, subset=subset, threads=1))
     ckpts = tmp_path / "killed" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("stream-*")) == ["stream-00000006-r00000.json"]
+    relaunch = shutil.copytree(tmp_path / "killed", tmp_path / "relaunch")
     resumed = train(pool, tmp_path / "killed", cfg, subset=subset, threads=1)
     assert_same_weights(full.checkpoint, resumed.checkpoint, cfg.model)
 
     # Another number of loader workers would change the streams: refused before training, unless asked for fresh ones.
-    kill_during_step(monkeypatch, 4, lambda: train(pool, tmp_path / "relaunch", cfg, subset=subset, threads=1))
-    lines = len(read_metrics(tmp_path / "relaunch"))
+    lines = len(read_metrics(relaunch))
     with pytest.raises(ValueError, match=r"1 rank\(s\) x 2 stream\(s\).*this launch has 1 x 1.*--fresh-stream"):
-        train(pool, tmp_path / "relaunch", replace(cfg, workers=0), subset=subset, threads=1)
-    assert len(read_metrics(tmp_path / "relaunch")) == lines
-    done = train(pool, tmp_path / "relaunch", replace(cfg, workers=0), subset=subset, threads=1, fresh_stream=True)
+        train(pool, relaunch, replace(cfg, workers=0), subset=subset, threads=1)
+    assert len(read_metrics(relaunch)) == lines
+    done = train(pool, relaunch, replace(cfg, workers=0), subset=subset, threads=1, fresh_stream=True)
     assert done.samples_seen == 144 and done.steps == 9
 
 

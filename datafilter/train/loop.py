@@ -7,7 +7,8 @@ A run directory holds::
     RUN_DIR/checkpoints/optim-NNNNNNNN.pt  optimiser (and loss-scaler) state of that step
     RUN_DIR/checkpoints/stream-NNNNNNNN-rRRRRR.json  a streamed run's positions in its streams at that step, per rank
     RUN_DIR/stream/                  a streamed run's subset index (repeat count of every pool row)
-    RUN_DIR/metrics.jsonl            step, samples seen, loss, lr, logit scale, samples/s every ``log_every`` steps
+    RUN_DIR/metrics.jsonl            step, samples seen, loss, lr, logit scale, samples/s, seconds so far and of them
+                                     waiting for data, every ``log_every`` steps
     RUN_DIR/checkpoint.pt            the final model (``datafilter.models.save_checkpoint`` format)
     RUN_DIR/train.json               summary, written last: its presence means the run is complete
 
@@ -455,12 +456,15 @@ def _train(pool: Pool, out: Path, cfg: TrainConfig, subset: str | Path | None, i
 
     model.train()
     t0 = time.time()
+    waited = 0.0  # seconds spent waiting for the loader (open_clip's data_time)
+    ready = time.time()
     seen_here = 0
     loss_value = float("nan")
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step", disable=not dist.is_main)
     metrics = open(out / METRICS_FILE, "a") if dist.is_main else None
     try:
         for step, batch in zip(range(start, cfg.steps), loader):
+            waited += time.time() - ready
             if batch.step != step:
                 raise RuntimeError(f"the loader delivered step {batch.step} where step {step} was due")
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
@@ -483,10 +487,11 @@ def _train(pool: Pool, out: Path, cfg: TrainConfig, subset: str | Path | None, i
                     metrics.write(json.dumps({
                         "step": step, "samples_seen": min((step + 1) * cfg.batch_size, cfg.samples_seen),
                         "loss": loss_value, "lr": lr, "logit_scale": float(model.logit_scale.detach().exp()),
-                        "samples_per_s": rate, "seconds": elapsed}) + "\n")
+                        "samples_per_s": rate, "seconds": elapsed, "data_seconds": waited}) + "\n")
                     metrics.flush()
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save_state(step + 1)
+            ready = time.time()
     finally:
         bar.close()
         if metrics is not None:

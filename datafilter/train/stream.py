@@ -93,6 +93,25 @@ def open_subset(path: str | Path, sha256: str) -> np.ndarray:
     return uids
 
 
+def subset_counts(high: np.ndarray, uids: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """How many times the sorted subset ``uids`` lists each of ``queries`` (``high``: its first words, contiguous).
+
+    Binary search on the 64-bit first words is several times faster than on numpy's structured pairs; the second
+    words then settle the (rare) runs that share a first word, and a uid's repeats.
+    """
+    order = np.argsort(queries["f0"], kind="stable")  # sorted keys search faster (each starts where the last ended)
+    q_hi, q_lo = queries["f0"][order], queries["f1"][order]
+    lo, hi = np.searchsorted(high, q_hi, "left"), np.searchsorted(high, q_hi, "right")
+    counts = np.zeros(len(queries), np.int64)
+    one = np.flatnonzero(hi - lo == 1)
+    counts[one] = uids["f1"][lo[one]] == q_lo[one]
+    for i in np.flatnonzero(hi - lo > 1):
+        counts[i] = int(np.count_nonzero(uids["f1"][lo[i] : hi[i]] == q_lo[i]))
+    out = np.empty_like(counts)
+    out[order] = counts
+    return out
+
+
 def prepare_source(pool: Pool, subset: str | Path | None, subset_sha256: str | None, work: Path) -> StreamSource:
     """The shards and, for a subset, each pool row's repeat count, written once to ``work`` (reused on resume).
 
@@ -112,6 +131,7 @@ def prepare_source(pool: Pool, subset: str | Path | None, subset_sha256: str | N
     summary = path.with_suffix(".json")  # written last: the index is complete
     if not summary.exists():
         uids = open_subset(subset, subset_sha256)
+        high = np.ascontiguousarray(uids["f0"])  # 8 bytes an entry, for this pass only
         work.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         repeats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(pool.num_samples,))
@@ -121,7 +141,7 @@ def prepare_source(pool: Pool, subset: str | Path | None, subset_sha256: str | N
                 continue
             with pq.ParquetFile(s.parquet) as pf:
                 shard_uids = uids_from_arrow(pf.read(columns=["uid"]).column("uid"))
-            count = np.searchsorted(uids, shard_uids, "right") - np.searchsorted(uids, shard_uids, "left")
+            count = subset_counts(high, uids, shard_uids)
             if count.max(initial=0) > MAX_REPEATS:
                 raise ValueError(f"{subset}: a uid is listed {int(count.max()):,} times (at most {MAX_REPEATS:,})")
             repeats[pool.offsets[i] : pool.offsets[i + 1]] = count

@@ -89,10 +89,10 @@ def augment(images: torch.Tensor, jitter: Jitter, pad: int) -> torch.Tensor:
         return x
     if pad > 0:
         padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
-        ar = torch.arange(s)
-        iy = (jitter.oy[:, None] + ar)[:, None, :, None]
-        ix = (jitter.ox[:, None] + ar)[:, None, None, :]
-        x = padded[torch.arange(n)[:, None, None, None], torch.arange(3)[None, :, None, None], iy, ix]
+        x = torch.empty(x.shape)  # contiguous NCHW: the sums below add in that order whatever the input layout
+        for oy, ox in torch.unique(torch.stack([jitter.oy, jitter.ox], 1), dim=0).tolist():  # at most (2 pad + 1)²
+            idx = torch.nonzero((jitter.oy == oy) & (jitter.ox == ox)).flatten()
+            x[idx] = padded[idx, :, oy : oy + s, ox : ox + s]
     for side in torch.unique(jitter.low_res[jitter.low_res > 0]).tolist():
         idx = torch.nonzero(jitter.low_res == side).flatten()
         small = torch.nn.functional.interpolate(x[idx], size=(side, side), mode="area")
