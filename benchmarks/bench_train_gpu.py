@@ -110,9 +110,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if tiny:
         cfg = replace(cfg, shuffle_buffer=64, shuffle_initial=16)
     resolved = cfg.resolved(device.type, 0)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as open_clip's trainer sets it
-        torch.backends.cudnn.allow_tf32 = True
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-gpu-"))
     os.environ["DATAFILTER_CACHE"] = str(tmp / "cache")

@@ -193,9 +193,13 @@ class Stepper:
 
     @classmethod
     def build(cls, model: torch.nn.Module, cfg: TrainConfig, dev: torch.device, env: LaunchEnv) -> "Stepper":
-        """Gradient checkpointing, low-precision weights, the device, AdamW, the loss scaler, DDP and ClipLoss."""
+        """The device's settings, gradient checkpointing, low-precision weights, AdamW, the loss scaler, DDP and
+        ClipLoss."""
         from open_clip.loss import ClipLoss
 
+        if dev.type == "cuda":  # as open_clip's trainer sets them: TF32 matmuls, cuDNN autotuning
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
