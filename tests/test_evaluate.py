@@ -184,8 +184,11 @@ def test_suite_errors_name_the_file_and_problem(tmp_path):
     (tmp_path / "suite.json").write_text(json.dumps({"name": "x", "tasks": [
         {"name": "a", "type": "classification", "metric": "acc1", "path": "a"}]}))
     suite = load_suite(tmp_path)
+    with pytest.raises(SuiteError, match="task folder .*a not found"):
+        suite.tasks[0].check()
+    (tmp_path / "a").mkdir()
     with pytest.raises(SuiteError, match="nshards.txt missing"):
-        suite.tasks[0].shards()
+        suite.tasks[0].check()
 
 
 class ColourModel:
@@ -238,7 +241,7 @@ def test_evaluate_suite_with_a_known_model_and_resume(tmp_path):
     # A run killed after its first task resumes there: the finished task is not computed again.
     partial = Path(f"{tmp_path / 'again.json'}.partial.json")
     partial.write_text(json.dumps({"identity": {"model": "colour-model", "checkpoint_id": "fixed",
-                                                "suite_id": suite.suite_id},
+                                                "suite_id": suite.suite_id, "precision": "auto"},
                                    "tasks": {"things": {**res["tasks"]["things"], "main": 0.123}}}))
     again = evaluate_suite(ColourModel(), suite, out=tmp_path / "again.json")
     assert again["tasks"]["things"]["main"] == 0.123
