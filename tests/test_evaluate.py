@@ -246,3 +246,19 @@ def test_evaluate_suite_with_a_known_model_and_resume(tmp_path):
     again = evaluate_suite(ColourModel(), suite, out=tmp_path / "again.json")
     assert again["tasks"]["things"]["main"] == 0.123
     assert again["tasks"]["colours"]["main"] == pytest.approx(1.0)
+
+
+def test_evaluate_command_creates_the_output_folder(tmp_path, capsys):
+    from datafilter.cli import main
+    from datafilter.models import create_model, save_checkpoint
+
+    suite = write_toy_suite(tmp_path / "suite", per_combo=1)
+    ckpt = save_checkpoint(create_model("datafilter-nano-vit")[0], "datafilter-nano-vit", tmp_path / "ckpt.pt")
+    out = tmp_path / "new" / "deeper" / "eval.json"
+    jsonl = tmp_path / "other" / "eval_results.jsonl"
+    assert main(["evaluate", "--model", "datafilter-nano-vit", "--checkpoint", str(ckpt), "--suite", str(suite),
+                 "--out", str(out), "--datacomp-jsonl", str(jsonl), "--workers", "0", "--tasks", "captions"]) == 0
+    assert set(json.loads(out.read_text())["tasks"]) == {"captions"}
+    line = json.loads(jsonl.read_text())
+    assert line["key"] == "captions" and "main_metric" in line["metrics"]
+    assert "Retrieval" in capsys.readouterr().out

@@ -91,7 +91,47 @@ def _sorted(per_batch: dict[tuple, Any]) -> list[Any]:
     return [per_batch[k] for k in sorted(per_batch)]
 
 
-def _scored(batches: Iterable[dict[str, Any]], task) -> Iterable[dict[str, Any]]:
+class Collector:
+    """A task's per-sample results (top-5, labels, embeddings...) in a few large arrays, filled as batches arrive in
+    any order and put in task order at the end.
+
+    Why not a small array per batch: glibc raises its mmap threshold to the size of the model's large transient
+    buffers once they are freed, and small long-lived arrays allocated between those buffers then pin its heap, so
+    resident memory grew with the task's length (by about 4 KB an image on the micro model). A few large arrays,
+    allocated up front and doubled when full, keep a task's memory flat.
+    """
+
+    def __init__(self, capacity: int = 65536):
+        self.capacity = max(1, capacity)
+        self.columns: list[np.ndarray] | None = None
+        self.n = 0
+        self.spans: list[tuple[tuple, int, int]] = []  # (order, start, rows)
+
+    def add(self, order: tuple, *arrays: np.ndarray) -> None:
+        rows = len(arrays[0])
+        if self.columns is None:
+            self.columns = [np.empty((max(self.capacity, rows),) + a.shape[1:], a.dtype) for a in arrays]
+        if len(self.columns) != len(arrays) or any(c.shape[1:] != a.shape[1:] for c, a in zip(self.columns, arrays)):
+            raise ValueError("batches disagree in the shape of their per-sample results")
+        while self.n + rows > len(self.columns[0]):
+            self.columns = [np.concatenate([c, np.empty_like(c)]) for c in self.columns]
+        for c, a in zip(self.columns, arrays):
+            c[self.n : self.n + rows] = a
+        self.spans.append((order, self.n, rows))
+        self.n += rows
+
+    def __len__(self) -> int:
+        return self.n
+
+    def result(self) -> list[np.ndarray]:
+        """Each column in task order (by batch order)."""
+        if self.columns is None:
+            return []
+        index = np.concatenate([np.arange(s, s + r) for _, s, r in sorted(self.spans, key=lambda x: x[0])])
+        return [c[index] for c in self.columns]
+
+
+def _scored(batches: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
     for b in batches:
         if b.get("error"):
             raise SuiteError(b["error"])
@@ -161,22 +201,19 @@ class Classification(Kind):
         image_precision = encoder.precision(self.type)[1]
         decoder = encoder.decoder(task)
         normalise = decoder.normaliser(encoder.device)
-        got: dict[tuple, tuple[np.ndarray, list]] = {}
-        for b in _scored(batches, task):
+        got = Collector(task.size or 65536)
+        for b in _scored(batches):
+            labels, metadata = self._checked(b, len(classnames), scorer)
             emb = encoder.images(b["images"], normalise, image_precision)
-            got[b["order"]] = (topk(emb @ classifier.T, 5).cpu().numpy(), b["extras"], b["keys"])
-        if not got:
+            top = topk(emb @ classifier.T, 5).to(torch.int32).cpu().numpy()
+            try:  # kept per sample: the top 5 classes, the label and the metadata row
+                got.add(b["order"], top, labels, *([] if metadata is None else [metadata]))
+            except ValueError:
+                raise MetadataError("samples' .npy metadata rows have different lengths") from None
+        if not len(got):
             raise SuiteError(f"no samples in {task.split_dir}")
-        parts = _sorted(got)
-        top = np.concatenate([p[0] for p in parts])
-        extras = [e for p in parts for e in p[1]]
-        keys = [k for p in parts for k in p[2]]
-        labels = np.array([e[0] for e in extras])
-        bad = np.flatnonzero((labels < 0) | (labels >= len(classnames)))
-        if len(bad):
-            raise SuiteError(f"sample {keys[bad[0]]} has label {labels[bad[0]]}, but classnames.txt has "
-                             f"{len(classnames)} classes")
-        metadata = self._metadata(scorer, extras, keys)
+        top, labels, *rest = got.result()
+        metadata = rest[0] if rest else None
         metrics = scorer(top, labels, metadata, len(classnames))
         empty = len(classnames) - len(np.unique(labels))
         if empty:
@@ -187,18 +224,23 @@ class Classification(Kind):
                 "chance": classification_chance(task.metric, len(classnames))}
 
     @staticmethod
-    def _metadata(scorer: Scorer, extras: list, keys: list[str]) -> np.ndarray | None:
+    def _checked(batch: dict[str, Any], num_classes: int, scorer: Scorer) -> tuple[np.ndarray, np.ndarray | None]:
+        """A batch's labels (checked against the class names) and, where the scorer groups, metadata rows."""
+        labels = np.array([e[0] for e in batch["extras"]], np.int64)
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if len(bad):
+            raise SuiteError(f"sample {batch['keys'][bad[0]]} has label {labels[bad[0]]}, but classnames.txt has "
+                             f"{num_classes} classes")
         if not scorer.needs_metadata:
-            return None
-        rows = [e[1] for e in extras]
-        missing = [k for k, r in zip(keys, rows) if r is None]
+            return labels, None
+        rows = [e[1] for e in batch["extras"]]
+        missing = [k for k, r in zip(batch["keys"], rows) if r is None]
         if missing:
             raise MetadataError(f"sample {missing[0]} has no .npy metadata, which the {scorer.name} metrics need "
-                                f"(columns {', '.join(scorer.fields)}); {len(missing)} of {len(rows)} samples lack it")
-        widths = {len(r) for r in rows}
-        if len(widths) > 1:
-            raise MetadataError(f"samples' .npy metadata rows have different lengths ({sorted(widths)})")
-        return np.stack(rows)
+                                f"(columns {', '.join(scorer.fields)})")
+        if len({len(r) for r in rows}) > 1:
+            raise MetadataError("samples' .npy metadata rows have different lengths")
+        return labels, np.stack(rows)
 
 
 def classification_chance(metric: str, num_classes: int) -> float:
@@ -229,18 +271,17 @@ class Retrieval(Kind):
     def evaluate(self, task, encoder: Encoder, batches) -> dict[str, Any]:
         text_precision, image_precision = encoder.precision(self.type)
         normalise = encoder.decoder(task).normaliser(encoder.device)
-        got: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
-        for b in _scored(batches, task):
+        images, texts = Collector(task.size or 8192), Collector(5 * (task.size or 8192))
+        for b in _scored(batches):
             captions = [c for caps in b["extras"] for c in caps]
-            got[b["order"]] = (encoder.images(b["images"], normalise, image_precision).cpu(),
-                               encoder.texts(captions, text_precision).cpu(), [len(c) for c in b["extras"]])
-        if not got:
+            counts = np.array([len(c) for c in b["extras"]])
+            images.add(b["order"], encoder.images(b["images"], normalise, image_precision).cpu().numpy(), counts)
+            texts.add(b["order"], encoder.texts(captions, text_precision).cpu().numpy())
+        if not len(images):
             raise SuiteError(f"no samples in task {task.name}")
-        parts = _sorted(got)
-        image_emb = torch.cat([p[0] for p in parts])
-        text_emb = torch.cat([p[1] for p in parts])
-        counts = [n for p in parts for n in p[2]]
-        text_image = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        (image_emb, counts), (text_emb,) = images.result(), texts.result()
+        image_emb, text_emb = torch.from_numpy(image_emb), torch.from_numpy(text_emb)
+        text_image = torch.repeat_interleave(torch.arange(len(counts)), torch.from_numpy(counts))
         metrics = retrieval_metrics(image_emb, text_emb, text_image)
         return {"metrics": metrics, "num_samples": len(image_emb), "num_captions": len(text_emb),
                 "chance": retrieval_chance(len(image_emb), text_image.numpy())}
@@ -275,7 +316,7 @@ class WinoGAViL(Kind):
         text_precision, image_precision = encoder.precision(self.type)
         normalise = encoder.decoder(task).normaliser(encoder.device)
         got: dict[tuple, list[tuple[np.ndarray, np.ndarray]]] = {}
-        for b in _scored(batches, task):
+        for b in _scored(batches):
             images = encoder.images(b["images"], normalise, image_precision)
             cues = encoder.texts([e[0] for e in b["extras"]], text_precision)
             if image_precision == "fp16":  # DataComp's similarities come out of an fp16 matmul under autocast
