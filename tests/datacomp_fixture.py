@@ -111,16 +111,16 @@ def _image(colour: str) -> dict:
 def retrieval_features():
     import datasets
 
-    return datasets.Features({"image": datasets.Image(), "caption": datasets.List(datasets.Value("string")),
+    return datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string")),
                               "filename": datasets.Value("string")})
 
 
 def winogavil_features():
     import datasets
 
-    return datasets.Features({"candidate_images": datasets.List(datasets.Image()), "cue": datasets.Value("string"),
-                              "candidates": datasets.List(datasets.Value("string")),
-                              "associations": datasets.List(datasets.Value("string")),
+    return datasets.Features({"candidate_images": datasets.Sequence(datasets.Image()), "cue": datasets.Value("string"),
+                              "candidates": datasets.Sequence(datasets.Value("string")),
+                              "associations": datasets.Sequence(datasets.Value("string")),
                               "num_associations": datasets.Value("int64")})
 
 

@@ -194,3 +194,19 @@ def test_commands_suite_results_show_and_compare(download, results, tmp_path, ca
     line = next(x for x in out.splitlines() if x.startswith("FMoW"))
     assert line.split()[-4:] == ["25.00", "50.00", "+25.00", "2.72"]
     assert main(["results", "compare", str(path)]) == 2  # one run: nothing to compare, a clear error
+
+
+def test_results_of_a_benchmark_csv_read_one_run_per_row(tmp_path, capsys):
+    head = ["filter", "seed", "dataset size", "ImageNet", "ImageNet dist. shift", "VTAB", "Retrieval", "Average",
+            "imagenet1k", "wilds/fmow", "emoji_retrieval"]
+    rows = [["none", "0", "100", "2.500", "nan", "10.000", "nan", "8.000", "2.500", "12.000", "nan"],
+            ["clip_score", "0", "30", "4.000", "nan", "12.000", "nan", "9.000", "4.000", "11.000", "3.000"]]
+    (tmp_path / "results.csv").write_text("\n".join(",".join(r) for r in [head] + rows) + "\n")
+    runs = load_results(tmp_path / "results.csv")
+    assert [r.name.split(": ")[-1] for r in runs] == ["none seed 0", "clip_score seed 0"]
+    assert runs[1].tasks["imagenet1k"]["main"] == pytest.approx(0.04) and runs[0].groups["Retrieval"] is None
+    assert runs[0].tasks["wilds/fmow"]["metric"] == "acc_worst_region"  # DataComp's tasks are known by key
+    assert main(["results", "compare", str(tmp_path / "results.csv")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("ImageNet 1k"))
+    assert line.split()[-4:] == ["2.50", "4.00", "+1.50", "0.10"]
