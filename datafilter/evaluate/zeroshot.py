@@ -71,7 +71,8 @@ def evaluate_task(model, task: Task, batch_size: int = 256, workers: int = 0, pr
     kind = get_kind(task.type)
     task.check()
     pin = encoder.device.type == "cuda"
-    batches = task_batches(task, kind, encoder.decoder(task), batch_size, workers, pin=pin)
+    batches = task_batches(task, kind, encoder.decoder(task), batch_size, workers, pin=pin,
+                           normalise=encoder.worker_normalises)
     t0 = time.time()
     result = kind.evaluate(task, encoder, batches)
     metrics = result.pop("metrics")
