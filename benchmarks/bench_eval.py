@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from synthetic import disc_image  # benchmarks/ is on sys.path when a benchmark runs as a script
+
 
 def write_task(folder: Path, samples: int, classes: int, templates: int, side: int, shard_size: int = 10_000,
                seed: int = 0) -> Path:
@@ -49,18 +51,13 @@ def write_task(folder: Path, samples: int, classes: int, templates: int, side: i
     (folder / "classnames.txt").write_text("\n".join(f"class {i}" for i in range(classes)) + "\n")
     (folder / "zeroshot_classification_templates.txt").write_text(
         "\n".join(f"a photo number {t} of a {{c}}." for t in range(templates)) + "\n")
-    yy, xx = np.mgrid[:side, :side]
     fmt, ext = ("PNG", "png") if side <= 64 else ("JPEG", "jpg")
     shards = -(-samples // shard_size)
     for s in range(shards):
         with tarfile.open(folder / "test" / f"{s}.tar", "w") as tf:
             for i in range(s * shard_size, min(samples, (s + 1) * shard_size)):
-                arr = rng.integers(0, 256, 3, dtype=np.uint8)[None, None] * np.ones((side, side, 1), np.uint8)
-                cy, cx, r = rng.integers(side // 4, 3 * side // 4, 3)
-                arr[(yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2] = rng.integers(0, 256, 3, dtype=np.uint8)
-                arr = np.clip(arr.astype(int) + rng.integers(-10, 11, arr.shape), 0, 255).astype(np.uint8)
                 buf = io.BytesIO()
-                Image.fromarray(arr).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+                Image.fromarray(disc_image(rng, side)).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
                 for name, data in ((f"s{i:08d}.{ext}", buf.getvalue()), (f"s{i:08d}.cls", str(i % classes).encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)

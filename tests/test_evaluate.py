@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 
 from conftest import COLOURS, SHAPES, shape_image
+from datacomp_fixture import write_tar
 from datafilter.evaluate import (
     SuiteError,
     class_embeddings,
@@ -26,16 +25,6 @@ torch.set_num_threads(1)
 
 
 # --- a tiny suite in CLIP_benchmark's layout -------------------------------------------------------------------------
-def _write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tf:
-        for i, files in enumerate(samples):
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"s{i:07d}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-
-
 def write_classification_task(path: Path, classnames: list[str], templates: list[str],
                               samples: list[tuple[bytes, int]], shards: int = 1) -> Path:
     path.mkdir(parents=True, exist_ok=True)
@@ -44,13 +33,13 @@ def write_classification_task(path: Path, classnames: list[str], templates: list
     per = -(-len(samples) // shards)
     for s in range(shards):
         chunk = samples[s * per : (s + 1) * per]
-        _write_tar(path / "test" / f"{s}.tar", [{"png": img, "cls": str(label).encode()} for img, label in chunk])
+        write_tar(path / "test" / f"{s}.tar", [{"png": img, "cls": str(label).encode()} for img, label in chunk])
     (path / "test" / "nshards.txt").write_text(f"{shards}\n")
     return path
 
 
 def write_retrieval_task(path: Path, samples: list[tuple[bytes, list[str]]]) -> Path:
-    _write_tar(path / "test" / "0.tar", [{"png": img, "txt": "\n".join(caps).encode()} for img, caps in samples])
+    write_tar(path / "test" / "0.tar", [{"png": img, "txt": "\n".join(caps).encode()} for img, caps in samples])
     (path / "test" / "nshards.txt").write_text("1\n")
     return path
 
