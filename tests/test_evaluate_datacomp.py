@@ -185,14 +185,14 @@ def test_commands_suite_results_show_and_compare(download, results, tmp_path, ca
     res, path = results
     assert main(["results", "show", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "FMoW" in out and "acc_worst_region" in out and "25.00" in out and "2.72" in out  # chance of FMoW
+    assert "FMoW" in out and "acc_worst_region" in out and "25.00%" in out and "2.72%" in out  # chance of FMoW
     assert "Average over the 9 of 38 tasks present" in out
     other = dict(res, tasks={**res["tasks"], "wilds/fmow": {**res["tasks"]["wilds/fmow"], "main": 0.5}})
     (tmp_path / "b.json").write_text(json.dumps(other))
     assert main(["results", "compare", str(path), str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("FMoW"))
-    assert line.split()[-4:] == ["25.00", "50.00", "+25.00", "2.72"]
+    assert line.split()[-4:] == ["25.00%", "50.00%", "+25.00", "2.72%"]
     assert main(["results", "compare", str(path)]) == 2  # one run: nothing to compare, a clear error
 
 
@@ -209,4 +209,4 @@ def test_results_of_a_benchmark_csv_read_one_run_per_row(tmp_path, capsys):
     assert main(["results", "compare", str(tmp_path / "results.csv")]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("ImageNet 1k"))
-    assert line.split()[-4:] == ["2.50", "4.00", "+1.50", "0.10"]
+    assert line.split()[-4:] == ["2.50%", "4.00%", "+1.50", "0.10%"]

@@ -125,7 +125,7 @@ def load_results(path: str | Path) -> list[Run]:
 
 # --- tables -----------------------------------------------------------------------------------------------------------
 def _pct(v: float | None, width: int = 7) -> str:
-    return f"{'-':>{width}}" if v is None else f"{100 * v:>{width}.2f}"
+    return f"{'-':>{width}}" if v is None else f"{100 * v:>{width - 1}.2f}%"
 
 
 def _sections(runs: Sequence[Run]) -> list[tuple[str, list[str]]]:
@@ -183,7 +183,8 @@ def _table(runs: Sequence[Run], diff: bool) -> str:
             lines.append(row(info.get("label", n), info.get("metric", "?"),
                              [r.tasks.get(n, {}).get("main") for r in runs], info.get("chance")))
         lines.append("")
-    lines.append("DataComp's columns (mean main metric of each group; Average over all tasks)")
+    lines.append("DataComp's columns (mean main metric of each group; Average over all tasks)" +
+                 ("; [n]-[1] in points" if diff else ""))
     for col in COLUMNS:
         lines.append(row(col, "", [r.groups.get(col) for r in runs], None))
     if len(runs) == 1 and runs[0].note:

@@ -71,8 +71,8 @@ def evaluate_task(model, task: Task, batch_size: int = 256, workers: int = 0, pr
     kind = get_kind(task.type)
     task.check()
     pin = encoder.device.type == "cuda"
-    batches = task_batches(task, kind, encoder.decoder(task), batch_size, workers, pin=pin,
-                           normalise=encoder.worker_normalises)
+    batches = _progress(task_batches(task, kind, encoder.decoder(task), batch_size, workers, pin=pin,
+                                     normalise=encoder.worker_normalises), task)
     t0 = time.time()
     result = kind.evaluate(task, encoder, batches)
     metrics = result.pop("metrics")
@@ -85,6 +85,13 @@ def evaluate_task(model, task: Task, batch_size: int = 256, workers: int = 0, pr
     return {"type": task.type, "group": task.group, "metric": task.metric, "main": main, "metrics": metrics,
             "label": task.display, "key": task.key or task.name, "chance": chance, **result,
             "precision": {"text": text_p, "image": image_p}, "seconds": time.time() - t0}
+
+
+def _progress(batches, task: Task):
+    with tqdm(total=task.size, desc=task.display, unit="sample", leave=False, mininterval=2) as bar:
+        for b in batches:
+            bar.update(len(b.get("counts", ())))
+            yield b
 
 
 def _identity(model, suite: Suite, precision: str) -> dict[str, Any]:
