@@ -66,18 +66,6 @@ class Encoder:
         return ImageDecoder(self.model.preprocess, int(getattr(self.model, "image_size", 0) or 0),
                             rgb=RGB[task.decode_mode])
 
-    @property
-    def worker_normalises(self) -> bool:
-        """On a CPU the decoding workers also normalise (the elementwise tail of the transform): the model's
-        process keeps its cores for the model. On a GPU batches travel as uint8 and are normalised there."""
-        return self.device.type == "cpu"
-
-    def normaliser(self, task):
-        """What the model's process applies to a batch of decoded images before the image tower."""
-        if self.worker_normalises:
-            return lambda x: x.to(self.device)
-        return self.decoder(task).normaliser(self.device)
-
     def _autocast(self, precision: str):
         if precision == "fp16" and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.float16)
@@ -211,7 +199,8 @@ class Classification(Kind):
         scorer = get_scorer(task.scorer)
         classifier = self.classifier(task, encoder, classnames, templates)
         image_precision = encoder.precision(self.type)[1]
-        normalise = encoder.normaliser(task)
+        decoder = encoder.decoder(task)
+        normalise = decoder.normaliser(encoder.device)
         got = Collector(task.size or 65536)
         for b in _scored(batches):
             labels, metadata = self._checked(b, len(classnames), scorer)
@@ -281,7 +270,7 @@ class Retrieval(Kind):
 
     def evaluate(self, task, encoder: Encoder, batches) -> dict[str, Any]:
         text_precision, image_precision = encoder.precision(self.type)
-        normalise = encoder.normaliser(task)
+        normalise = encoder.decoder(task).normaliser(encoder.device)
         images, texts = Collector(task.size or 8192), Collector(5 * (task.size or 8192))
         for b in _scored(batches):
             captions = [c for caps in b["extras"] for c in caps]
@@ -325,7 +314,7 @@ class WinoGAViL(Kind):
 
     def evaluate(self, task, encoder: Encoder, batches) -> dict[str, Any]:
         text_precision, image_precision = encoder.precision(self.type)
-        normalise = encoder.normaliser(task)
+        normalise = encoder.decoder(task).normaliser(encoder.device)
         got: dict[tuple, list[tuple[np.ndarray, np.ndarray]]] = {}
         for b in _scored(batches):
             images = encoder.images(b["images"], normalise, image_precision)

@@ -22,13 +22,12 @@ from datafilter.pool.images import SkipSample
 class TaskStream(IterableDataset):
     """A task's records in batches of ``block`` records, split over DataLoader workers by part."""
 
-    def __init__(self, task, kind, decoder: ImageDecoder, block: int, parts: list[Any], normalise: bool = False):
+    def __init__(self, task, kind, decoder: ImageDecoder, block: int, parts: list[Any]):
         self.task = task
         self.kind = kind
         self.decoder = decoder
         self.block = block
         self.parts = parts
-        self.normalise = normalise  # hand out model-ready float batches (normalised here, in the worker)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -63,10 +62,7 @@ class TaskStream(IterableDataset):
             counts.append(len(record.images))
             extras.append(self.kind.parse(record, self.task))
             keys.append(record.key)
-        batch = self.decoder.stack(images)
-        if self.normalise:
-            batch = self.decoder.normaliser(torch.device("cpu"))(batch)
-        return {"order": (part[0], items[0][0]), "images": batch, "counts": counts,
+        return {"order": (part[0], items[0][0]), "images": self.decoder.stack(images), "counts": counts,
                 "extras": extras, "keys": keys, "error": ""}
 
 
@@ -81,11 +77,10 @@ def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_batches(task, kind, decoder: ImageDecoder, batch_size: int, workers: int, pin: bool = False,
-                 prefetch: int = 2, normalise: bool = False) -> Iterable[dict[str, Any]]:
-    """The task's batches: from ``workers`` decoding processes, or read in this process with ``workers=0``;
-    ``normalise``: images as the model's float input rather than uint8."""
+                 prefetch: int = 2) -> Iterable[dict[str, Any]]:
+    """The task's batches: from ``workers`` decoding processes, or read in this process with ``workers=0``."""
     parts = task.source().parts(max(1, workers))
-    stream = TaskStream(task, kind, decoder, kind.block(batch_size), parts, normalise)
+    stream = TaskStream(task, kind, decoder, kind.block(batch_size), parts)
     workers = min(workers, len(parts))
     if workers == 0:
         return iter(stream)

@@ -71,8 +71,7 @@ def evaluate_task(model, task: Task, batch_size: int = 256, workers: int = 0, pr
     kind = get_kind(task.type)
     task.check()
     pin = encoder.device.type == "cuda"
-    batches = _progress(task_batches(task, kind, encoder.decoder(task), batch_size, workers, pin=pin,
-                                     normalise=encoder.worker_normalises), task)
+    batches = _progress(task_batches(task, kind, encoder.decoder(task), batch_size, workers, pin=pin), task)
     t0 = time.time()
     result = kind.evaluate(task, encoder, batches)
     metrics = result.pop("metrics")
