@@ -112,20 +112,26 @@ def test_table_shows_published_rows_chance_and_one_seed_honestly(tmp_path):
     from datafilter.bench.table import write_tables
 
     table = published_table("datacomp_small")
-    tasks = {"imagenet": {"group": "imagenet", "chance": 0.001, "num_samples": 1000},
-             "mnist": {"group": "vtab", "chance": 0.1, "num_samples": 500},
-             "flags": {"group": "vtab", "chance": 0.02, "num_samples": 100}}
+    from datafilter.evaluate.suite import Task
+    from datafilter.evaluate.zeroshot import coverage
+
+    tasks = {"imagenet": {"group": "imagenet", "chance": 0.001, "num_samples": 1000, "main": 0.1},
+             "mnist": {"group": "vtab", "chance": 0.1, "num_samples": 500, "main": 0.1},
+             "flags": {"group": "vtab", "chance": 0.02, "num_samples": 100, "main": 0.1}}
+    suite_tasks = [Task(n, "classification", "acc1", tmp_path, t["group"]) for n, t in tasks.items()]
+    suite_tasks.append(Task("lost", "classification", "acc1", tmp_path, "vtab"))
     rows = [{"filter": label, "seed": 0, "size": size, "groups": {c: v for c in COLUMNS}, "tasks": {},
              "published": asdict(table.row(key)) if key else None}
             for label, size, v, key in (("None", 100, 0.10, "no_filtering"), ("Random", 30, 0.11, None),
                                         ("CLIP", 30, 0.15, "clip_score_30"), ("D2", 30, 0.16, "d2_pruning"))]
-    paths = write_tables(rows, tmp_path, title="t", tasks=tasks, published=table)
+    paths = write_tables(rows, tmp_path, title="t", coverage=coverage(suite_tasks, tasks), published=table)
     md = (tmp_path / "results.md").read_text()
     assert "one training seed per row, so no standard deviation is shown" in md and "±" not in md
     assert "| None | 100 | 10.0 | 10.0 | 10.0 | 10.0 | 10.0 | 13.2 |" in md  # the published Average beside ours
     assert "| Random | 30 | 11.0 | 11.0 | 11.0 | 11.0 | 11.0 | - |" in md
     assert "| *chance* | | 0.1 | - | 6.0 | - | 4.0 |" in md  # a column's chance is the mean of its tasks'
     assert "1,000 (1)" in md and "600 (2)" in md and "1,600 (3)" in md
+    assert "Not every task was scored: VTAB over 2 of 3 tasks; Average over 3 of 4 tasks." in md
     agree = json.loads((tmp_path / "agreement.json").read_text())
     assert agree["rows"] == 3 and agree["labels"] == ["None", "CLIP", "D2"] and agree["spearman"] == pytest.approx(1)
     assert "Spearman 1.00" in md and Path(paths["plot"]).stat().st_size > 0

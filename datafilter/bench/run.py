@@ -275,7 +275,7 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
 
     summary["tables"] = write_tables(rows, paths.bench, title=f"{cfg.name}: {cfg.scale} scale, "
                                      f"{scale_config(cfg.scale, samples_seen=cfg.samples_seen).samples_seen:,} "
-                                     f"samples seen", tasks=rows[0]["task_info"] if rows else None, published=table)
+                                     f"samples seen", coverage=rows[0]["coverage"] if rows else None, published=table)
     summary["seconds"] = time.time() - t0
     write_json(paths.bench / "summary.json", summary)
     return summary
