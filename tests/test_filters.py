@@ -188,13 +188,20 @@ def test_d2_with_one_neighbour_on_a_hand_computed_graph():
     # 0.2516 - e^-0.5 * 0.3107 = 0.0632. Then 4 (0.0838) beats 2 (0.0632) and 1 (0.0055).
     assert reverse_pass(g, nbrs, d, beta=1.0, budget=3).tolist() == [0, 3, 4]
     assert reverse_pass(g, nbrs, d, beta=1.0, budget=5).tolist() == [0, 3, 4, 2, 1]
+    # The authors' loop, by hand: 0 is picked (it beats 1, next in the initial order); 1, lowered below 3, is set
+    # aside; 3 beats 2 and is picked; 2, lowered below 4, is set aside; 4 is last in line and picked; then the
+    # set-aside rows, best first.
+    from datafilter.filters.builtin.d2 import reverse_pass_lookahead
+
+    assert reverse_pass_lookahead(g, nbrs, d, beta=1.0, budget=5).tolist() == [0, 3, 4, 2, 1]
 
 
 def test_d2_defaults_are_the_authors_datacomp_recipe():
     from datafilter.filters.builtin.d2 import D2Config
 
     c = D2Config()
-    assert (c.features, c.k, c.gamma, c.beta, c.score_offset, c.fraction) == ("image_text", 1, 1.0, 1.0, 0.115, 0.3)
+    assert (c.features, c.k, c.gamma, c.beta, c.score_offset, c.fraction, c.selection) == (
+        "image_text", 1, 1.0, 1.0, 0.115, 0.3, "lookahead")
 
 
 def naive_reverse(g, nbrs, d, beta, budget):
