@@ -211,3 +211,29 @@ def test_group_averages_are_over_tasks_and_coverage_says_what_is_missing():
     assert shift == {"scored": 2, "expected": 2, "chance": pytest.approx(0.02), "num_samples": 30, "not_scored": []}
     assert c["columns"]["VTAB"]["not_scored"] == ["vtab_missing"]
     assert coverage(chosen[:4], tasks)["complete"]
+
+
+def test_tasks_with_the_same_prompts_share_one_zero_shot_classifier(tmp_path):
+    """An ImageNet and its distribution shifts have the same class names and templates: one suite evaluation
+    encodes those prompts once."""
+    import torch
+
+    from datafilter.evaluate.kinds import Classification, Encoder
+    from datafilter.evaluate.suite import Task
+
+    class Counting:
+        device = "cpu"
+        calls = 0
+
+        def encode_texts(self, texts):
+            Counting.calls += len(texts)
+            return torch.stack([torch.tensor([float(len(t)), 1.0, float(t.count("a"))]) for t in texts])
+
+    enc = Encoder(Counting())
+    kind = Classification()
+    a, b = (Task(n, "classification", "acc1", tmp_path) for n in ("imagenet", "imagenet_sketch"))
+    first = kind.classifier(a, enc, ["cat", "dog"], ["a {c}.", "{c}"])
+    assert Counting.calls == 4
+    assert torch.equal(kind.classifier(b, enc, ["cat", "dog"], ["a {c}.", "{c}"]), first) and Counting.calls == 4
+    kind.classifier(b, enc, ["cat", "bird"], ["a {c}.", "{c}"])  # other class names: encoded
+    assert Counting.calls == 8

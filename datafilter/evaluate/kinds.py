@@ -58,6 +58,9 @@ class Encoder:
         self.batch_size = batch_size
         self.device = torch.device(getattr(model, "device", "cpu"))
         self.gpu_mixed = self.device.type == "cuda" and precision == "auto"
+        # Zero-shot classifiers by their prompts: an ImageNet and its distribution shifts share class names and
+        # templates, so one suite evaluation encodes those prompts once, not once per task.
+        self.classifiers: dict[tuple, torch.Tensor] = {}
 
     def precision(self, kind: str) -> tuple[str, str]:
         return GPU_PRECISION[kind] if self.gpu_mixed else ("fp32", "fp32")
@@ -185,14 +188,18 @@ class Classification(Kind):
     def classifier(self, task, encoder: Encoder, classnames: list[str], templates: list[str]) -> torch.Tensor:
         """``[classes, dim]`` on the model's device, a few classes' prompts at a time."""
         precision = encoder.precision(self.type)[0]
+        prompts = [task.prompts(c, templates) for c in classnames]
+        key = (precision, tuple(tuple(p) for p in prompts))
+        if key in encoder.classifiers:
+            return encoder.classifiers[key]
         per = max(1, encoder.batch_size // len(templates))
         rows = []
         for s in range(0, len(classnames), per):
-            names = classnames[s : s + per]
-            prompts = [p for c in names for p in task.prompts(c, templates)]
-            emb = encoder.texts(prompts, precision).view(len(names), len(templates), -1)
+            chunk = prompts[s : s + per]
+            emb = encoder.texts([p for ps in chunk for p in ps], precision).view(len(chunk), len(templates), -1)
             rows.append(class_embeddings(emb))
-        return torch.cat(rows)
+        encoder.classifiers[key] = torch.cat(rows)
+        return encoder.classifiers[key]
 
     def evaluate(self, task, encoder: Encoder, batches) -> dict[str, Any]:
         classnames, templates = task.classnames(), task.templates()
