@@ -464,7 +464,9 @@ def _train(pool: Pool, out: Path, cfg: TrainConfig, subset: str | Path | None, i
     ready = time.time()
     seen_here = 0
     loss_value = float("nan")
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step", disable=not dist.is_main)
+    # Only other ranks are silenced here, so that TQDM_DISABLE (set for runs side by side) still applies to rank 0.
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step",
+               **({} if dist.is_main else {"disable": True}))
     metrics = open(out / METRICS_FILE, "a") if dist.is_main else None
     try:
         for step, batch in zip(range(start, cfg.steps), loader):
