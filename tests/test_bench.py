@@ -143,6 +143,7 @@ def test_runs_side_by_side_plan(monkeypatch):
     monkeypatch.setattr(runs, "free_cores", lambda: 2)
     assert runs.plan_parallel(0, None, 9) == (2, 1)  # default: one one-thread run per free core
     assert runs.plan_parallel(0, 2, 9) == (1, 2)  # --threads alone: one run at a time with that many threads
+    assert runs.plan_parallel(0, 1, 9) == (2, 1)  # --threads 1 (a busy machine): still side by side
     assert runs.plan_parallel(3, None, 2) == (2, None)  # never more workers than runs
     assert runs.plan_parallel(1, None, 9) == (1, None)
 

@@ -99,9 +99,9 @@ def _worker_init(level: int) -> None:
 
 def plan_parallel(parallel: int, threads: int | None, runs: int) -> tuple[int, int | None]:
     """(runs side by side, torch threads per run): ``parallel=0`` is one one-thread run per free core; an explicit
-    ``threads`` alone keeps one run at a time with that many threads."""
+    ``threads`` above 1 alone keeps one run at a time with that many threads."""
     if parallel == 0:
-        if threads:
+        if threads and threads > 1:
             return 1, threads
         parallel, threads = free_cores(), 1
     return max(1, min(parallel, runs)), threads
