@@ -1,14 +1,20 @@
-"""Does decoding the pool into memory once pay off? Training batches from memory against batches streamed from tars.
+"""Does the training data path keep the model busy? The real training loop, fed from tars, against a bare loop.
 
-In one run, alternating for R rounds, on the same synthetic pool of small PNGs (the offline pools' kind of image):
-  (a) in-memory: ``StepBatches`` over the pool decoded once into a uint8 array (the decode itself is timed apart);
-  (b) streamed: ``StepBatches`` reading each drawn sample from its tar by offset and decoding it with PIL;
-  (c) the training step alone (forward, loss, backward, AdamW) of the model, on a batch already in memory.
-Prints batches/s of each, the ratio (a)/(b) per round and its median, and how much of a training step the data
-path costs in each mode (batch time / (batch time + step time)).
+At the micro scale on CPU, alternating for R rounds in one run, on one synthetic pool of 40-pixel PNGs (the kind of
+image the offline pools hold):
+  (a) streamed: ``datafilter.train.train`` with ``data="stream"`` and one loader worker: shards drawn with
+      replacement and read in order, samples shuffled, decoded and augmented in the worker, the training step in the
+      main process (one thread);
+  (b) in memory: the same run with ``data="memory"`` (the pool decoded once into memory; the decode is not timed);
+  (c) bare: the training step alone (forward, loss, backward, AdamW, logit-scale clamp) on a batch already in
+      memory, with the same model, optimiser and loss.
+Steps/s of (a) and (b) come from the runs' own metrics (the ``seconds`` of each logged step), leaving out the first
+steps (loader start-up, shuffle-buffer fill); the order of the three alternates from round to round. Prints every
+round and the medians of (a)/(c) and (b)/(c), and the share of (a)'s time its loop waited for the loader: what is
+left of the gap is the loader worker's CPU taken from a machine with no core to spare.
 
-    python benchmarks/bench_train_data.py                       # datafilter-micro-vit, 20k samples, batch 256
-    python benchmarks/bench_train_data.py --samples 50000 --threads 2
+    python benchmarks/bench_train_data.py                       # datafilter-micro-vit, batch 256
+    python benchmarks/bench_train_data.py --steps 40 --rounds 5
 """
 
 from __future__ import annotations
@@ -20,92 +26,87 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from datafilter.common.launch import LaunchEnv
 from datafilter.models import create_model
-from datafilter.train.config import scale_config
-from datafilter.train.data import StepBatches, StreamedImages, decoded_pool, subset_rows
-from datafilter.train.loop import param_groups
+from datafilter.train import read_metrics, scale_config, train
+from datafilter.train.loop import Stepper
 
 from synthetic import make_pool  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 
+def run_steps_per_s(pool: Path, run: Path, cfg, skip: int) -> tuple[float, float]:
+    """Steps/s of a real training run, from its metrics, over the steps after the first ``skip``, and the share of
+    that time the loop waited for its loader."""
+    train(pool, run, cfg, threads=1, device="cpu")
+    m = read_metrics(run)
+    seconds = m[-1]["seconds"] - m[skip]["seconds"]
+    return (m[-1]["step"] - m[skip]["step"]) / seconds, (m[-1]["data_seconds"] - m[skip]["data_seconds"]) / seconds
 
-def batches_per_s(ds: StepBatches, steps: int, first: int) -> float:
+
+def bare_steps_per_s(cfg, steps: int) -> float:
+    """The loop's training step alone (``Stepper``: same model, optimiser and loss) on one batch already in memory."""
+    model, *_, tokenizer = create_model(cfg.model, seed=cfg.seed)
+    step = Stepper.build(model, cfg.resolved("cpu", 0), torch.device("cpu"), LaunchEnv())
+    model.train()
+    size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
+    images = torch.randn(cfg.batch_size, 3, size, size)
+    tokens = tokenizer(["a small red circle icon"] * cfg.batch_size)
+    step(images, tokens)  # first-call allocations
     t = time.perf_counter()
-    for s in range(first, first + steps):
-        ds[s]
+    for _ in range(steps):
+        step(images, tokens)
     return steps / (time.perf_counter() - t)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="datafilter-micro-vit")
-    ap.add_argument("--samples", type=int, default=20_000)
+    ap.add_argument("--samples", type=int, default=20_000, help="pool size")
+    ap.add_argument("--shard-size", type=int, default=2_000)
     ap.add_argument("--side", type=int, default=40, help="stored image side (the micro pools store 40 px)")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8, help="batches per measurement")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20, help="training steps per run")
+    ap.add_argument("--skip", type=int, default=4, help="first steps left out of each rate")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-data-"))
     os.environ["DATAFILTER_CACHE"] = str(tmp / "cache")
     try:
-        pool = make_pool(tmp / "pool", args.samples, 5000, args.side)
-        cfg = scale_config("micro", model=args.model, batch_size=args.batch_size,
-                           samples_seen=args.batch_size * 10_000)
-        model, _, _, tok = create_model(cfg.model)
-        size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
-        t = time.perf_counter()
-        images, valid = decoded_pool(pool, size, workers=1)
-        decode_s = time.perf_counter() - t
-        rows = subset_rows(pool, None)
-        common = dict(rows=rows, texts=pool.column("text"), tokenizer=tok, seed=0, batch_size_at=cfg.batch_size_at,
-                      steps=cfg.steps, rank=0, world_size=1, templates=cfg.caption_templates,
-                      jitter_pad=cfg.jitter_pad, colour_jitter=cfg.colour_jitter, mean=model.visual.image_mean,
-                      std=model.visual.image_std)
-        memory = StepBatches(images=images, valid=valid, **common)
-        streamed = StepBatches(images=StreamedImages(pool, size), valid=None, **common)
-        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-        from open_clip.loss import ClipLoss
-
-        loss_fn = ClipLoss()
-        batch = memory[0]
-
-        def train_steps() -> float:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                f = model(batch.images, batch.tokens)
-                loss = loss_fn(f[0], f[1], f[2])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            return args.steps / (time.perf_counter() - t0)
-
-        print(f"pool: {args.samples} PNGs of {args.side}px; model {cfg.model}; batch {args.batch_size}; "
-              f"{args.threads} thread(s); one-off decode into memory: {decode_s:.1f}s "
-              f"({args.samples / decode_s:.0f} images/s)")
-        print(f"{'round':>5} {'memory b/s':>11} {'streamed b/s':>13} {'train-step b/s':>15} {'memory/streamed':>16}")
-        ratios, mem_all, str_all, step_all = [], [], [], []
+        pool = make_pool(tmp / "pool", args.samples, args.shard_size, args.side).path
+        base = scale_config("micro", batch_size=args.batch_size, samples_seen=args.batch_size * args.steps,
+                            log_every=1, checkpoint_every=10**9, decode_workers=1)
+        streamed, memory = replace(base, data="stream", workers=1), replace(base, data="memory")
+        print(f"pool: {args.samples:,} PNGs of {args.side} px in shards of {args.shard_size:,}; {base.model}, batch "
+              f"{args.batch_size}; training on 1 thread, streamed with 1 loader worker; steps/s over steps "
+              f"{args.skip}..{args.steps - 1} of each run; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+        print(f"{'round':>5} {'streamed':>9} {'memory':>7} {'bare':>7} {'streamed/bare':>14} {'memory/bare':>12} "
+              f"{'data wait':>11}")
+        rows = []
         for r in range(args.rounds):
-            m = batches_per_s(memory, args.steps, 1 + r * args.steps)
-            s = batches_per_s(streamed, args.steps, 1 + r * args.steps)
-            st = train_steps()
-            ratios.append(m / s)
-            mem_all.append(m)
-            str_all.append(s)
-            step_all.append(st)
-            print(f"{r:>5} {m:>11.1f} {s:>13.1f} {st:>15.1f} {m / s:>16.1f}")
+            # the order alternates, so that a change in the machine's load does not always hit the same one
+            order = ("stream", "memory", "bare") if r % 2 == 0 else ("bare", "memory", "stream")
+            rates, waits = {}, {}
+            for what in order:
+                if what == "bare":
+                    rates[what] = bare_steps_per_s(base, args.steps - args.skip)
+                else:
+                    rates[what], waits[what] = run_steps_per_s(pool, tmp / f"{what}-{r}",
+                                                               streamed if what == "stream" else memory, args.skip)
+            a, b, c = rates["stream"], rates["memory"], rates["bare"]
+            rows.append((a, b, c, waits["stream"]))
+            print(f"{r:>5} {a:>9.2f} {b:>7.2f} {c:>7.2f} {a / c:>14.2f} {b / c:>12.2f} {100 * waits['stream']:>10.1f}%")
         med = statistics.median
-        step_t = 1 / med(step_all)
-        print(f"median: memory {med(mem_all):.1f} b/s, streamed {med(str_all):.1f} b/s, ratio {med(ratios):.1f}x; "
-              f"data share of a step: memory {100 * (1 / med(mem_all)) / (1 / med(mem_all) + step_t):.0f}%, "
-              f"streamed {100 * (1 / med(str_all)) / (1 / med(str_all) + step_t):.0f}%")
+        print(f"median steps/s: streamed {med(r[0] for r in rows):.2f}, memory {med(r[1] for r in rows):.2f}, "
+              f"bare {med(r[2] for r in rows):.2f}; ratio streamed/bare {med(r[0] / r[2] for r in rows):.2f}, "
+              f"memory/bare {med(r[1] / r[2] for r in rows):.2f}; the streamed loop waited for data "
+              f"{100 * med(r[3] for r in rows):.1f}% of its time; load now {os.getloadavg()[0]:.1f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -14,20 +14,24 @@ from datafilter.pool import ImageConfig, Pool, ShardWriter, make_uid
 WORDS = ("red", "green", "blue", "yellow", "square", "circle", "bar", "small", "large", "icon", "photo", "drawing")
 
 
+def disc_image(rng: np.random.Generator, side: int) -> np.ndarray:
+    """A noisy disc of one random colour on a background of another: ``[side, side, 3]`` uint8."""
+    yy, xx = np.mgrid[:side, :side]
+    arr = rng.integers(0, 256, 3, dtype=np.uint8)[None, None] * np.ones((side, side, 1), np.uint8)
+    cy, cx, r = rng.integers(side // 4, 3 * side // 4, 3)
+    arr[(yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+    return np.clip(arr.astype(int) + rng.integers(-10, 11, arr.shape), 0, 255).astype(np.uint8)
+
+
 def make_pool(path: Path, samples: int, shard_size: int, side: int, seed: int = 0) -> Pool:
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True, exist_ok=True)
     fmt = "png" if side <= 64 else "jpg"
-    yy, xx = np.mgrid[:side, :side]
     for shard in range((samples + shard_size - 1) // shard_size):
         w = ShardWriter(path, shard, ImageConfig(max_side=side, encode_format=fmt, quality=90))
         for i in range(shard * shard_size, min(samples, (shard + 1) * shard_size)):
-            arr = rng.integers(0, 256, 3, dtype=np.uint8)[None, None] * np.ones((side, side, 1), np.uint8)
-            cy, cx, r = rng.integers(side // 4, 3 * side // 4, 3)
-            arr[(yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2] = rng.integers(0, 256, 3, dtype=np.uint8)
-            arr = np.clip(arr.astype(int) + rng.integers(-10, 11, arr.shape), 0, 255).astype(np.uint8)
             buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, "PNG")
+            Image.fromarray(disc_image(rng, side)).save(buf, "PNG")
             caption = " ".join(rng.choice(WORDS, rng.integers(2, 8)))
             w.add(buf.getvalue(), caption, make_uid("bench", str(seed), str(i)))
         w.close()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 
 from conftest import COLOURS, SHAPES, shape_image
+from datacomp_fixture import write_tar
 from datafilter.evaluate import (
     SuiteError,
     class_embeddings,
@@ -26,16 +25,6 @@ torch.set_num_threads(1)
 
 
 # --- a tiny suite in CLIP_benchmark's layout -------------------------------------------------------------------------
-def _write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tf:
-        for i, files in enumerate(samples):
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"s{i:07d}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-
-
 def write_classification_task(path: Path, classnames: list[str], templates: list[str],
                               samples: list[tuple[bytes, int]], shards: int = 1) -> Path:
     path.mkdir(parents=True, exist_ok=True)
@@ -44,13 +33,13 @@ def write_classification_task(path: Path, classnames: list[str], templates: list
     per = -(-len(samples) // shards)
     for s in range(shards):
         chunk = samples[s * per : (s + 1) * per]
-        _write_tar(path / "test" / f"{s}.tar", [{"png": img, "cls": str(label).encode()} for img, label in chunk])
+        write_tar(path / "test" / f"{s}.tar", [{"png": img, "cls": str(label).encode()} for img, label in chunk])
     (path / "test" / "nshards.txt").write_text(f"{shards}\n")
     return path
 
 
 def write_retrieval_task(path: Path, samples: list[tuple[bytes, list[str]]]) -> Path:
-    _write_tar(path / "test" / "0.tar", [{"png": img, "txt": "\n".join(caps).encode()} for img, caps in samples])
+    write_tar(path / "test" / "0.tar", [{"png": img, "txt": "\n".join(caps).encode()} for img, caps in samples])
     (path / "test" / "nshards.txt").write_text("1\n")
     return path
 
@@ -184,8 +173,11 @@ def test_suite_errors_name_the_file_and_problem(tmp_path):
     (tmp_path / "suite.json").write_text(json.dumps({"name": "x", "tasks": [
         {"name": "a", "type": "classification", "metric": "acc1", "path": "a"}]}))
     suite = load_suite(tmp_path)
+    with pytest.raises(SuiteError, match="task folder .*a not found"):
+        suite.tasks[0].check()
+    (tmp_path / "a").mkdir()
     with pytest.raises(SuiteError, match="nshards.txt missing"):
-        suite.tasks[0].shards()
+        suite.tasks[0].check()
 
 
 class ColourModel:
@@ -238,8 +230,24 @@ def test_evaluate_suite_with_a_known_model_and_resume(tmp_path):
     # A run killed after its first task resumes there: the finished task is not computed again.
     partial = Path(f"{tmp_path / 'again.json'}.partial.json")
     partial.write_text(json.dumps({"identity": {"model": "colour-model", "checkpoint_id": "fixed",
-                                                "suite_id": suite.suite_id},
+                                                "suite_id": suite.suite_id, "precision": "auto"},
                                    "tasks": {"things": {**res["tasks"]["things"], "main": 0.123}}}))
     again = evaluate_suite(ColourModel(), suite, out=tmp_path / "again.json")
     assert again["tasks"]["things"]["main"] == 0.123
     assert again["tasks"]["colours"]["main"] == pytest.approx(1.0)
+
+
+def test_evaluate_command_creates_the_output_folder(tmp_path, capsys):
+    from datafilter.cli import main
+    from datafilter.models import create_model, save_checkpoint
+
+    suite = write_toy_suite(tmp_path / "suite", per_combo=1)
+    ckpt = save_checkpoint(create_model("datafilter-nano-vit")[0], "datafilter-nano-vit", tmp_path / "ckpt.pt")
+    out = tmp_path / "new" / "deeper" / "eval.json"
+    jsonl = tmp_path / "other" / "eval_results.jsonl"
+    assert main(["evaluate", "--model", "datafilter-nano-vit", "--checkpoint", str(ckpt), "--suite", str(suite),
+                 "--out", str(out), "--datacomp-jsonl", str(jsonl), "--workers", "0", "--tasks", "captions"]) == 0
+    assert set(json.loads(out.read_text())["tasks"]) == {"captions"}
+    line = json.loads(jsonl.read_text())
+    assert line["key"] == "captions" and "main_metric" in line["metrics"]
+    assert "Retrieval" in capsys.readouterr().out

@@ -188,13 +188,20 @@ def test_d2_with_one_neighbour_on_a_hand_computed_graph():
     # 0.2516 - e^-0.5 * 0.3107 = 0.0632. Then 4 (0.0838) beats 2 (0.0632) and 1 (0.0055).
     assert reverse_pass(g, nbrs, d, beta=1.0, budget=3).tolist() == [0, 3, 4]
     assert reverse_pass(g, nbrs, d, beta=1.0, budget=5).tolist() == [0, 3, 4, 2, 1]
+    # The authors' loop, by hand: 0 is picked (it beats 1, next in the initial order); 1, lowered below 3, is set
+    # aside; 3 beats 2 and is picked; 2, lowered below 4, is set aside; 4 is last in line and picked; then the
+    # set-aside rows, best first.
+    from datafilter.filters.builtin.d2 import reverse_pass_lookahead
+
+    assert reverse_pass_lookahead(g, nbrs, d, beta=1.0, budget=5).tolist() == [0, 3, 4, 2, 1]
 
 
 def test_d2_defaults_are_the_authors_datacomp_recipe():
     from datafilter.filters.builtin.d2 import D2Config
 
     c = D2Config()
-    assert (c.features, c.k, c.gamma, c.beta, c.score_offset, c.fraction) == ("image_text", 1, 1.0, 1.0, 0.115, 0.3)
+    assert (c.features, c.k, c.gamma, c.beta, c.score_offset, c.fraction, c.selection) == (
+        "image_text", 1, 1.0, 1.0, 0.115, 0.3, "lookahead")
 
 
 def naive_reverse(g, nbrs, d, beta, budget):
@@ -259,10 +266,11 @@ def test_d2_lookahead_selection_equals_the_authors_loop(seed, k):
     assert np.array_equal(reverse_pass_lookahead(g, nbrs, d, 1.0, 200), naive_lookahead(g, nbrs, d, 1.0, 200))
 
 
-@pytest.mark.parametrize("features", ["image_text", "image", "text"])
-def test_d2_filter_equals_brute_force_on_exact_neighbours(features):
+@pytest.mark.parametrize("features, selection", [("image_text", "greedy"), ("image_text", "lookahead"),
+                                                 ("image", "lookahead"), ("text", "greedy")])
+def test_d2_filter_equals_brute_force_on_exact_neighbours(features, selection):
     view, arr = array_view(160, seed=7, invalid=(3, 50))
-    res = run("d2_pruning", view, fraction=0.4, features=features, k=6, gamma=2.0, beta=1.5)
+    res = run("d2_pruning", view, fraction=0.4, features=features, k=6, gamma=2.0, beta=1.5, selection=selection)
     rows = np.flatnonzero(arr["valid"])
     x = {"image_text": np.hstack([arr["image"], arr["text"]]), "image": arr["image"], "text": arr["text"]}[features]
     x = x[rows].astype(np.float64)
@@ -272,7 +280,8 @@ def test_d2_filter_equals_brute_force_on_exact_neighbours(features):
     dist = np.take_along_axis(d2, nbrs, 1)
     s = np.maximum(arr["score"][rows] + 0.115, 1e-7)
     g = s + (np.exp(-2.0 * dist) * s[nbrs]).sum(1)
-    picked = naive_reverse(g, nbrs, dist, 1.5, int(len(rows) * 0.4))
+    naive = {"greedy": naive_reverse, "lookahead": naive_lookahead}[selection]
+    picked = naive(g, nbrs, dist, 1.5, int(len(rows) * 0.4))
     assert np.array_equal(res.uids, sort_uids(arr["uids"][rows[picked]]))
     assert res.counts == {"no_embedding": 2, "d2_pruned": len(rows) - len(picked)}
 

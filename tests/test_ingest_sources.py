@@ -320,6 +320,9 @@ def test_files_over_the_size_limit_are_skipped_unread(tmp_path: Path):
 
 
 def test_in_place_rewrite_killed_after_replacing_the_tar_resumes_from_the_kept_original(tmp_path: Path):
+    clean = tmp_path / "clean"
+    make_img2dataset_folder(clean)
+    ingest(clean, None, config("shards"))
     src = tmp_path / "src"
     make_img2dataset_folder(src)
     # the state a kill leaves between "new tar in place" and "stats written": the original waits as .source.tar
@@ -333,6 +336,8 @@ def test_in_place_rewrite_killed_after_replacing_the_tar_resumes_from_the_kept_o
     assert (stats["input"], stats["written"]) == (5, 1)  # counted from the original, not the half-done rewrite
     assert not (src / "00001.source.tar").exists()
     check_reconciles(src, expected_input=14)
+    # uids hash the tar's own name, not that of the original kept aside: the same as an uninterrupted index
+    assert list(Pool(src).column("uid")) == list(Pool(clean).column("uid"))
 
 
 def test_a_producer_uid_repeated_across_shards_is_reported(tmp_path: Path, caplog):

@@ -135,7 +135,7 @@ def test_render_cache_counts_failures_and_renders_once(tmp_path, monkeypatch):
 def test_same_recipe_and_seed_give_byte_identical_shards(nano_builds):
     a, b = nano_builds["pool"], nano_builds["pool_b"]
     names = sorted(p.name for p in a.iterdir() if p.name[:8].isdigit())
-    assert len(names) == 9
+    assert len([n for n in names if not n.endswith("_skipped.jsonl")]) == 9  # and a skip list where a render failed
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "ground_truth.parquet").read_bytes() == (b / "ground_truth.parquet").read_bytes()

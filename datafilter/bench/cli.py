@@ -30,6 +30,10 @@ def register(commands) -> None:
                                                           "per free core, or one run at a time if --threads is given)")
     p.add_argument("--stop-after", choices=("pool", "suite", "scorer", "embed", "filter", "train"),
                    help="stop after this stage")
+    p.add_argument("--redo", nargs="+", default=(), metavar="STAGE",
+                   choices=("pool", "suite", "scorer", "embed", "filter", "train", "evaluate"),
+                   help="do these stages again although their cached output is current (train: this benchmark's "
+                        "runs from scratch; evaluate: their evaluations only)")
     p.set_defaults(func=_bench)
 
 
@@ -40,7 +44,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     cfg = load_bench_config(args.config, seeds=args.seeds, samples_seen=args.samples_seen)
     summary = run_bench(cfg, args.work, workers=args.workers or free_cores(), threads=args.threads,
-                        parallel=args.parallel, stop_after=args.stop_after)
+                        parallel=args.parallel, stop_after=args.stop_after, redo=tuple(args.redo))
     tables = summary.get("tables")
     if tables:
         print()

@@ -18,6 +18,7 @@ Each stage is a call into its own package; this module only decides paths and or
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from datafilter.common.files import read_json, sha256_file, stable_hash, write_j
 log = logging.getLogger(__name__)
 
 STAGES = ("pool", "suite", "scorer", "embed", "filter", "train", "evaluate")
+REDO_STAGES = STAGES
 
 
 @dataclass(frozen=True)
@@ -61,21 +63,25 @@ def _recipe_tag(recipe_path: str, what: str) -> str:
     return f"{recipe.name}-{stable_hash(key, 8)}"
 
 
-def _built_pool(recipe_path: str, work: Path, workers: int) -> Path:
+def _built_pool(recipe_path: str, work: Path, workers: int, redo: bool = False) -> Path:
     from datafilter.micro.poolbuild import build_pool
     from datafilter.micro.recipe import load_recipe
 
     out = work / "pools" / _recipe_tag(recipe_path, "pool")
+    if redo:
+        shutil.rmtree(out, ignore_errors=True)
     if not (out / "build.json").exists():
         build_pool(load_recipe(recipe_path), out, workers=workers)
     return out
 
 
-def _built_suite(recipe_path: str, work: Path, pool_dir: Path, workers: int) -> Path:
+def _built_suite(recipe_path: str, work: Path, pool_dir: Path, workers: int, redo: bool = False) -> Path:
     from datafilter.micro.recipe import load_recipe
     from datafilter.micro.suite import build_suite
 
     out = work / "suites" / _recipe_tag(recipe_path, "suite")
+    if redo:
+        shutil.rmtree(out, ignore_errors=True)
     if not (out / "suite.json").exists():
         build_suite(load_recipe(recipe_path), out, pool_dir=pool_dir, workers=workers)
     return out
@@ -90,7 +96,7 @@ def paths_for(cfg: BenchConfig, work: Path) -> BenchPaths:
     return BenchPaths(work, pool, suite, work / "bench" / cfg.name)
 
 
-def _scorer_spec(cfg: BenchConfig, work: Path, suite: Path, workers: int, threads: int | None):
+def _scorer_spec(cfg: BenchConfig, work: Path, suite: Path, workers: int, threads: int | None, redo: bool = False):
     from datafilter.models import ModelSpec
 
     if cfg.embed_model:
@@ -98,7 +104,8 @@ def _scorer_spec(cfg: BenchConfig, work: Path, suite: Path, workers: int, thread
     from datafilter.train.scorer import scorer_config, train_scorer
 
     clean = _built_pool(cfg.scorer_recipe, work, workers)
-    info = train_scorer(clean, suite, scorer_config(samples_seen=cfg.scorer_samples_seen), threads=threads)
+    info = train_scorer(clean, suite, scorer_config(samples_seen=cfg.scorer_samples_seen), threads=threads,
+                        retrain=redo)
     return ModelSpec(info["model"], checkpoint=str(Path(info["path"]) / info["checkpoint"]))
 
 
@@ -114,19 +121,23 @@ def expand_params(params: dict[str, Any], **dirs: Path) -> dict[str, Any]:
     return {k: expand(v) for k, v in params.items()}
 
 
-def _filter(entry: FilterEntry, pool: Path, suite: Path, space: str, out: Path) -> dict[str, Any]:
-    """Run one filter unless this config already made its subset (same filter version, parameters, embeddings and
-    reference sets, which come from the suite)."""
+def _filter(entry: FilterEntry, pool: Path, suite: Path, space: str, out: Path, redo: bool = False
+            ) -> dict[str, Any]:
+    """Run one filter unless this config already made its subset (same filter version and code, parameters,
+    embeddings and reference sets, which come from the suite)."""
     from datafilter.filters.harness import filter_pool
     from datafilter.filters.subset import load_subset
 
     from datafilter.filters.registry import filter_class
 
+    from datafilter.filters.fingerprint import plugin_code_hash
+
     cls, _ = filter_class(entry.name)
-    request = {"filter": entry.name, "version": cls.version, "params": entry.params, "space": space,
-               "pool": str(pool), "suite": str(suite)}
+    # The plugin's code is part of the request: an edited filter is rerun even if its author kept its version.
+    request = {"filter": entry.name, "version": cls.version, "code": plugin_code_hash(cls), "params": entry.params,
+               "space": space, "pool": str(pool), "suite": str(suite)}
     request_path = out.with_suffix(".request.json")
-    if out.exists() and request_path.exists() and read_json(request_path) == request:
+    if not redo and out.exists() and request_path.exists() and read_json(request_path) == request:
         return load_subset(out)[1]
     request_path.unlink(missing_ok=True)  # a kill while the subset is replaced must not leave the old request
     filter_pool(entry.name, pool, out, params=expand_params(entry.params, pool=pool, suite=suite), space=space)
@@ -135,8 +146,12 @@ def _filter(entry: FilterEntry, pool: Path, suite: Path, space: str, out: Path) 
 
 
 def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, threads: int | None = None,
-              parallel: int = 0, stop_after: str | None = None) -> dict[str, Any]:
+              parallel: int = 0, stop_after: str | None = None, redo: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run (or resume) every stage of ``cfg``; return a summary with the paths of what it wrote.
+
+    ``redo``: stages to do again although their cached output is current (``REDO_STAGES``): a pool or suite built
+    from a recipe is rebuilt, the scorer retrained, the pool embedded again, the filters rerun, this benchmark's
+    training runs trained again from scratch (``train``) or only evaluated again (``evaluate``).
 
     ``workers``: processes for building and decoding; ``threads``: torch threads per training run; ``parallel``:
     training runs side by side (0: one one-thread run per free core, unless ``threads`` is given; see
@@ -144,7 +159,16 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
     """
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}")
+    from datafilter.bench.validate import check_bench_config
     from datafilter.micro import sources
+
+    check_bench_config(cfg)  # every problem of the config now, not when its stage comes
+    bad = sorted(set(redo) - set(REDO_STAGES))
+    if bad:
+        raise ValueError(f"cannot redo {', '.join(bad)}; stages: {', '.join(REDO_STAGES)}")
+    for stage, given in (("pool", cfg.pool), ("suite", cfg.suite), ("scorer", cfg.embed_model)):
+        if stage in redo and given:
+            raise ValueError(f"--redo {stage}: this config gives its {stage} ({given}), there is nothing to rebuild")
 
     t0 = time.time()
     progress = BenchProgress(cfg.name, ("sources", *STAGES[:-2], "train + evaluate"))
@@ -165,18 +189,19 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
                                "they feed")
 
     progress.stage("pool")
-    pool_dir = paths.pool if cfg.pool else _built_pool(cfg.recipe, work, workers)
+    pool_dir = paths.pool if cfg.pool else _built_pool(cfg.recipe, work, workers, redo="pool" in redo)
     summary["pool"] = str(pool_dir)
     if done("pool"):
         return summary
     progress.stage("suite")
-    suite_dir = paths.suite if cfg.suite else _built_suite(cfg.recipe, work, pool_dir, workers)
+    suite_dir = paths.suite if cfg.suite else _built_suite(cfg.recipe, work, pool_dir, workers,
+                                                           redo="suite" in redo)
     summary["suite"] = str(suite_dir)
     if done("suite"):
         return summary
 
     progress.stage("scorer")
-    spec = _scorer_spec(cfg, work, suite_dir, workers, threads)
+    spec = _scorer_spec(cfg, work, suite_dir, workers, threads, redo="scorer" in redo)
     summary["scorer"] = {"model": spec.name, "checkpoint": spec.checkpoint, "pretrained": spec.pretrained}
     if done("scorer"):
         return summary
@@ -187,6 +212,11 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
     from datafilter.models import load_model, pick_device
 
     model = load_model(spec, device=pick_device())
+    if "embed" in redo:
+        from datafilter.embed.pipeline import default_space
+
+        shutil.rmtree(Path(pool_dir) / "embeddings" / default_space(model.name, model.checkpoint_id),
+                      ignore_errors=True)
     space = embed_pool(pool_dir, model).space
     embed_reference_sets(pool_dir, model, suite_dir, space=space)
     del model
@@ -200,7 +230,7 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
     subsets: dict[str, dict[str, Any]] = {}
     for entry in cfg.filters:
         out = paths.subset(entry)
-        meta = _filter(entry, pool_dir, suite_dir, space, out)
+        meta = _filter(entry, pool_dir, suite_dir, space, out, redo="filter" in redo)
         report, _ = subset_report(out, pool_dir=pool_dir, plot=False)
         subsets[entry.label] = {"path": str(out), "kept": int(meta["kept"]), "noise": report.get("noise")}
     write_json(paths.bench / "filters.json", subsets)
@@ -227,6 +257,11 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
             run_dir = paths.run(entry, seed, stable_hash([sha256_file(subset), train_cfg.recipe(), pool_id], 8))
             jobs.append(RunJob(entry.label, seed, subsets[entry.label]["kept"], subset, str(run_dir), train_cfg,
                                str(pool_dir), str(suite_dir), None, pub))
+    for job in jobs:
+        if "train" in redo:  # asked for: this benchmark's finished runs are trained again from scratch
+            shutil.rmtree(job.run_dir, ignore_errors=True)
+        elif "evaluate" in redo:
+            (Path(job.run_dir) / "eval.json").unlink(missing_ok=True)
     side_by_side, per_run = plan_parallel(parallel, threads, len(jobs))
     jobs = [replace(j, threads=per_run) for j in jobs]
     progress.start_runs(len(jobs), side_by_side)
@@ -240,7 +275,7 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
 
     summary["tables"] = write_tables(rows, paths.bench, title=f"{cfg.name}: {cfg.scale} scale, "
                                      f"{scale_config(cfg.scale, samples_seen=cfg.samples_seen).samples_seen:,} "
-                                     f"samples seen", tasks=rows[0]["task_info"] if rows else None, published=table)
+                                     f"samples seen", coverage=rows[0]["coverage"] if rows else None, published=table)
     summary["seconds"] = time.time() - t0
     write_json(paths.bench / "summary.json", summary)
     return summary

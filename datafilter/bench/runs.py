@@ -53,9 +53,12 @@ def finished_row(job: RunJob, suite_id: str) -> dict[str, Any] | None:
 
 
 def _row(job: RunJob, results: dict[str, Any]) -> dict[str, Any]:
+    if results.get("failed"):
+        log.warning("%s (seed %d): %d task(s) could not be scored and are left out of its averages: %s", job.label,
+                    job.seed, len(results["failed"]), "; ".join(results["failed"].values()))
     return {"filter": job.label, "seed": job.seed, "size": job.size, "groups": results["groups"],
-            "tasks": {k: v["main"] for k, v in results["tasks"].items()}, "task_info": results["tasks"],
-            "published": job.published}
+            "tasks": {k: v["main"] for k, v in results["tasks"].items()}, "coverage": results.get("coverage"),
+            "failed": results.get("failed") or {}, "published": job.published}
 
 
 def train_and_evaluate(job: RunJob, train_only: bool = False) -> tuple[dict[str, Any] | None, float]:
@@ -79,7 +82,10 @@ def train_and_evaluate(job: RunJob, train_only: bool = False) -> tuple[dict[str,
     if results is None or (results.get("checkpoint_id"), results["suite"].get("id")) != \
             (result.checkpoint_sha256, suite.suite_id):
         trained = load_model(ModelSpec(job.train_cfg.model, checkpoint=str(result.checkpoint)), device=pick_device())
-        results = evaluate_suite(trained, suite, out=eval_path, checkpoint=result.checkpoint)
+        # A one-thread run beside others decodes in its own process: decoding workers would only compete for the
+        # cores the other runs use.
+        results = evaluate_suite(trained, suite, out=eval_path, checkpoint=result.checkpoint,
+                                 workers=0 if job.threads == 1 else None, threads=job.threads)
     return _row(job, results), time.time() - t0
 
 
@@ -93,9 +99,9 @@ def _worker_init(level: int) -> None:
 
 def plan_parallel(parallel: int, threads: int | None, runs: int) -> tuple[int, int | None]:
     """(runs side by side, torch threads per run): ``parallel=0`` is one one-thread run per free core; an explicit
-    ``threads`` alone keeps one run at a time with that many threads."""
+    ``threads`` above 1 alone keeps one run at a time with that many threads."""
     if parallel == 0:
-        if threads:
+        if threads and threads > 1:
             return 1, threads
         parallel, threads = free_cores(), 1
     return max(1, min(parallel, runs)), threads

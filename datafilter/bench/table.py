@@ -45,15 +45,16 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def column_facts(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Chance level (%, the mean of its tasks' chance, as the column is the mean of its tasks) and number of test
-    images of each column, from one run's per-task results (``group``, ``chance``, ``num_samples``)."""
+def column_facts(coverage: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Chance level (%, the mean of its tasks' chance, as the column is the mean of its tasks), test images and tasks
+    of each column, from one run's evaluation ``coverage`` (``datafilter.evaluate.zeroshot.coverage``)."""
     out = {}
     for col in COLUMNS:
-        mine = [t for t in tasks.values() if col == "Average" or t.get("group") == GROUP_OF_COLUMN[col]]
-        chances = [t["chance"] for t in mine if t.get("chance") is not None]
-        out[col] = {"chance": 100.0 * float(np.mean(chances)) if chances else float("nan"),
-                    "test_images": int(sum(int(t.get("num_samples") or 0) for t in mine)), "tasks": len(mine)}
+        c = coverage["columns"].get(col) or {}
+        chance = c.get("chance")
+        out[col] = {"chance": float("nan") if chance is None else 100.0 * chance,
+                    "test_images": int(c.get("num_samples") or 0), "tasks": int(c.get("scored") or 0),
+                    "expected": int(c.get("expected") or 0)}
     return out
 
 
@@ -99,6 +100,10 @@ def markdown(summary: Sequence[dict[str, Any]], title: str = "", facts: Mapping[
         lines.append("| *test images (tasks)* | | " + " | ".join(
             f"{facts[c]['test_images']:,} ({facts[c]['tasks']})" for c in COLUMNS) + " |"
             + "".join(f" {p} |" for p in pad))
+        missing = {c: f for c, f in facts.items() if f["tasks"] < f["expected"]}
+        if missing:
+            lines += ["", "Not every task was scored: " + "; ".join(
+                f"{c} over {f['tasks']} of {f['expected']} tasks" for c, f in missing.items()) + "."]
     if not title:
         lines += ["", f"{_seed_note(summary).capitalize()}."]
     if with_pub:
@@ -118,12 +123,12 @@ def markdown(summary: Sequence[dict[str, Any]], title: str = "", facts: Mapping[
 
 
 def write_tables(rows: Sequence[dict[str, Any]], out_dir: Path, title: str = "",
-                 tasks: Mapping[str, Mapping[str, Any]] | None = None,
+                 coverage: Mapping[str, Any] | None = None,
                  published: PublishedTable | None = None) -> dict[str, str]:
     """Write ``results.csv`` (one row per filter and seed, with every task), ``results_summary.csv``,
     ``results.md``, ``results.png`` and (with a published table) ``agreement.json``; return their paths.
 
-    ``tasks``: one run's per-task results, for each column's chance level and number of test images. Rows carry
+    ``coverage``: one run's evaluation coverage, for each column's chance level, test images and tasks. Rows carry
     ``published`` (a ``PublishedRow`` as a dict) when their config entry names one."""
     out_dir = Path(out_dir)
     task_names = sorted({t for r in rows for t in r["tasks"]})
@@ -135,7 +140,7 @@ def write_tables(rows: Sequence[dict[str, Any]], out_dir: Path, title: str = "",
             w.writerow([r["filter"], r["seed"], r["size"], *[f"{_pct(r['groups'].get(c)):.3f}" for c in COLUMNS],
                         *[f"{_pct(r['tasks'].get(t)):.3f}" for t in task_names]])
     summary = aggregate(rows)
-    facts = column_facts(tasks) if tasks else None
+    facts = column_facts(coverage) if coverage else None
     summary_csv = out_dir / "results_summary.csv"
     with atomic_path(summary_csv) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)

@@ -72,7 +72,7 @@ def run_shard_jobs(
     if len(mine) > len(todo):
         log.info("%s: %d of %d already done, skipping them", desc, len(mine) - len(todo), len(mine))
     results: dict[str, Any] = {}
-    bar = tqdm(total=len(todo), desc=desc, unit="shard", disable=not todo)
+    bar = tqdm(total=len(todo), desc=desc, unit="shard", **({} if todo else {"disable": True}))
     try:
         if workers <= 1 or len(todo) <= 1:
             for job in todo:

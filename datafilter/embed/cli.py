@@ -11,7 +11,10 @@ L2-normalised image and text embeddings (float16) and the CLIP score (cosine sim
 The model is one of:
   --model ViT-B-32 --pretrained openai       open_clip weights by tag (downloads; needs a network)
   --model NAME --checkpoint PATH              a local checkpoint (open_clip or this project's)
-  (no --model)                                the project's offline scorer, once trained
+  (no --model)                                the project's offline scorer, once trained: one trained for this
+                                              pool's micro world if cached, else the newest; it is named, and a
+                                              warning says when the pool's captions look unlike its training data.
+                                              It knows the micro world only: real data needs an open_clip model.
 
 Resumable: finished shards are skipped. Under torchrun or Slurm, ranks split the shards.
 """
@@ -49,7 +52,7 @@ def _embed(args: argparse.Namespace) -> int:
 
     env = launch_env()
     pool = Pool(args.pool_dir)
-    spec = resolve_spec(args.model, args.pretrained, args.checkpoint)
+    spec = resolve_spec(args.model, args.pretrained, args.checkpoint, pool=pool)
     device = pick_device(args.device, env.local_rank)
     workers = args.workers if args.workers is not None else default_workers()
     cfg = EmbedConfig(batch_size=args.batch_size, workers=workers, precision=args.precision,

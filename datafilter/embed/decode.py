@@ -66,12 +66,15 @@ class ImageDecoder:
     """Bytes -> model input for one image; raises ``SkipSample`` with a reason for images that cannot be used.
 
     ``uint8`` mode (the transform could be split) returns ``[size, size, 3]`` uint8 arrays; otherwise float tensors
-    ``[3, H, W]`` from the whole transform.
+    ``[3, H, W]`` from the whole transform. ``rgb`` converts a decoded image that is not RGB before the transform
+    (default: transparency flattened onto white); ``None`` leaves that to the transform, as a Hugging Face dataset
+    feeds open_clip.
     """
 
-    def __init__(self, transform: Callable, image_size: int):
+    def __init__(self, transform: Callable, image_size: int, rgb: Callable | None = to_rgb):
         self.transform = transform
         self.split = split_transform(transform, image_size)
+        self.rgb = rgb
 
     @property
     def uint8(self) -> bool:
@@ -79,8 +82,8 @@ class ImageDecoder:
 
     def __call__(self, data: bytes) -> np.ndarray | torch.Tensor:
         img = open_image(data)
-        if img.mode != "RGB":
-            img = to_rgb(img)
+        if img.mode != "RGB" and self.rgb is not None:
+            img = self.rgb(img)
         if self.split is None:
             return self._whole(img)
         sp = self.split

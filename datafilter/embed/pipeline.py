@@ -114,8 +114,10 @@ def space_info(model: LoadedModel) -> SpaceInfo:
     return SpaceInfo(model.name, model.checkpoint_id, model.embed_dim, score_column(model.name, model.checkpoint_id))
 
 
-def resolve_spec(model: str | None, pretrained: str | None = None, checkpoint: str | None = None) -> ModelSpec:
-    """The model the user asked for; with no name, the project's offline scorer."""
+def resolve_spec(model: str | None, pretrained: str | None = None, checkpoint: str | None = None,
+                 pool: Pool | None = None) -> ModelSpec:
+    """The model the user asked for; with no name, the project's offline scorer (for ``pool``, when given: see
+    ``datafilter.embed.choice``)."""
     if model:
         if not (pretrained or checkpoint):
             raise ValueError(f"--model {model} needs --pretrained TAG or --checkpoint PATH (random weights would "
@@ -123,6 +125,10 @@ def resolve_spec(model: str | None, pretrained: str | None = None, checkpoint: s
         return ModelSpec(model, pretrained=pretrained, checkpoint=checkpoint)
     if pretrained or checkpoint:
         raise ValueError("--pretrained and --checkpoint need --model (the open_clip architecture they belong to)")
+    if pool is not None:
+        from datafilter.embed.choice import offline_scorer
+
+        return offline_scorer(pool)
     from datafilter.train.scorer import default_scorer_spec
 
     return default_scorer_spec()

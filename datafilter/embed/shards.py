@@ -32,7 +32,7 @@ def pool_shard_rows(shard: Shard) -> Iterator[tuple[int, bytes, str]]:
     except (OSError, ValueError) as exc:  # pyarrow's errors for unreadable files are ValueError/OSError subclasses
         raise PoolError(f"{shard.parquet}: unreadable parquet ({exc})") from None
     keys = table.column("key").to_pylist()
-    captions = table.column("text").to_pylist() if "text" in names else [""] * len(keys)
+    captions = table.column("text").to_pylist() if "text" in names else [None] * len(keys)
     row_of = {k: i for i, k in enumerate(keys)}
     if len(row_of) != len(keys):
         raise PoolError(f"{shard.parquet}: duplicate keys")
@@ -50,7 +50,11 @@ def pool_shard_rows(shard: Shard) -> Iterator[tuple[int, bytes, str]]:
             raise PoolError(f"{shard.tar}: sample {key} has no image")
         seen[row] = 1
         emitted += 1
-        text = files["txt"].decode("utf-8", "replace") if "txt" in files else (captions[row] or "")
+        # the parquet's caption is the pool's (stripped of white space and a byte-order mark at ingest), the one
+        # filters read and training uses; an indexed shard's own .txt keeps its producer's bytes
+        text = captions[row]
+        if text is None:
+            text = files["txt"].decode("utf-8", "replace") if "txt" in files else ""
         yield row, image, text
     if emitted != len(keys) or extra:
         detail = f" ({extra} of them not in the parquet)" if extra else ""

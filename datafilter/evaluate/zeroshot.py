@@ -1,152 +1,180 @@
-"""Run a suite against one model: embed each task's images and prompts, compute its metrics, average the groups.
+"""Run a suite against one model: stream each task through the model, score it, aggregate as DataComp does.
 
 Results name their model, checkpoint id and suite id, so a table built from them can always say what it compares.
-With an output path, each finished task is kept in ``OUT.partial.json`` (for the same checkpoint and suite), so a
-killed evaluation of a long suite resumes at the first unfinished task.
+Every task is checked before any is evaluated; a task that cannot be scored (missing, truncated, metadata lacking
+a column its metric needs) is reported by name under ``failed`` and every other task still evaluates. With an
+output path, each finished task is kept in ``OUT.partial.json`` (for the same checkpoint and suite), so a killed
+evaluation of a long suite resumes at the first unfinished task.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from datafilter import __version__
 from datafilter.common.files import read_json, write_json
-from datafilter.evaluate.metrics import class_embeddings, classification_metrics, retrieval_chance, retrieval_metrics
+from datafilter.evaluate.kinds import Encoder, get_kind
+from datafilter.evaluate.scorers import MetadataError
+from datafilter.evaluate.stream import task_batches
 from datafilter.evaluate.suite import GROUPS, Suite, SuiteError, Task
-from datafilter.pool.images import SkipSample, open_image, to_rgb
 
 log = logging.getLogger(__name__)
 
+# What a task's data or definition can get wrong; anything else is a bug and is raised.
+TASK_ERRORS = (SuiteError, MetadataError, OSError)
+
 
 def group_averages(tasks: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """DataComp's columns: the mean main metric of each group, and ``Average`` over every task (``None`` if empty)."""
+    """DataComp's columns: the mean main metric of each group, and ``Average`` over every task (not over groups),
+    of the tasks scored (``None`` where none is)."""
     out: dict[str, float | None] = {}
+    scored = {k: r for k, r in tasks.items() if r.get("main") is not None}
     for key, label in GROUPS.items():
-        values = [r["main"] for r in tasks.values() if r.get("group") == key]
+        values = [r["main"] for r in scored.values() if r.get("group") == key]
         out[label] = float(np.mean(values)) if values else None
-    values = [r["main"] for r in tasks.values()]
-    out["Average"] = float(np.mean(values)) if values else None
+    out["Average"] = float(np.mean([r["main"] for r in scored.values()])) if scored else None
     return out
 
 
-def _batched(items: Sequence, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def coverage(chosen: Sequence[Task], tasks: dict[str, dict[str, Any]], expected: int | None = None) -> dict[str, Any]:
+    """For each column and the Average: tasks scored of those the suite lists, their mean chance level and their
+    test samples; ``complete`` is false when any task is missing, and ``note`` says so in words."""
+    def entry(members: list[Task]) -> dict[str, Any]:
+        done = [tasks[t.name] for t in members if t.name in tasks and tasks[t.name].get("main") is not None]
+        chances = [r["chance"] for r in done if r.get("chance") is not None]
+        return {"scored": len(done), "expected": len(members),
+                "chance": float(np.mean(chances)) if chances and len(chances) == len(done) else None,
+                "num_samples": int(sum(r.get("num_samples", 0) for r in done)),
+                "not_scored": [t.name for t in members if t.name not in tasks or tasks[t.name].get("main") is None]}
+
+    out = {label: entry([t for t in chosen if t.group == key]) for key, label in GROUPS.items()}
+    out["Average"] = entry(list(chosen))
+    avg = out["Average"]
+    total = max(expected or 0, len(chosen))
+    avg["expected"] = total
+    complete = avg["scored"] == total
+    note = f"Average over all {total} tasks" if complete else f"Average over the {avg['scored']} of {total} tasks present"
+    return {"complete": complete, "note": note, "columns": out}
 
 
-def _encode_texts(model, texts: list[str], batch_size: int) -> torch.Tensor:
-    return torch.cat([model.encode_texts(list(chunk)).cpu() for chunk in _batched(texts, batch_size)])
+def evaluate_task(model, task: Task, batch_size: int = 256, workers: int = 0, precision: str = "auto",
+                  encoder: Encoder | None = None) -> dict[str, Any]:
+    """Metrics of one task for a ``datafilter.models.LoadedModel``-like model (preprocess, encode_images,
+    encode_texts). Raises ``SuiteError``/``MetadataError`` naming what is wrong with the task's data."""
+    encoder = encoder or Encoder(model, batch_size, precision)
+    kind = get_kind(task.type)
+    task.check()
+    pin = encoder.device.type == "cuda"
+    batches = _progress(task_batches(task, kind, encoder.decoder(task), batch_size, workers, pin=pin), task)
+    t0 = time.time()
+    result = kind.evaluate(task, encoder, batches)
+    metrics = result.pop("metrics")
+    main = metrics.get(task.metric)
+    if task.size is not None and result["num_samples"] != task.size:
+        log.warning("task %s: %d samples, the reference copy has %d", task.name, result["num_samples"], task.size)
+    text_p, image_p = encoder.precision(task.type)
+    chance = task.chance if task.chance is not None else result.pop("chance")
+    result.pop("chance", None)
+    return {"type": task.type, "group": task.group, "metric": task.metric, "main": main, "metrics": metrics,
+            "label": task.display, "key": task.key or task.name, "chance": chance, **result,
+            "precision": {"text": text_p, "image": image_p}, "seconds": time.time() - t0}
 
 
-def _encode_images(model, images: list[bytes], batch_size: int, where: str) -> torch.Tensor:
-    out = []
-    for chunk in _batched(images, batch_size):
-        tensors = []
-        for data in chunk:
-            try:
-                tensors.append(model.preprocess(to_rgb(open_image(data))))
-            except SkipSample as exc:
-                raise SuiteError(f"{where}: an evaluation image cannot be decoded ({exc})") from None
-        out.append(model.encode_images(torch.stack(tensors)).cpu())
-    return torch.cat(out) if out else torch.zeros((0, model.embed_dim))
+def _progress(batches, task: Task):
+    with tqdm(total=task.size, desc=task.display, unit="sample", leave=False, mininterval=2) as bar:
+        for b in batches:
+            bar.update(len(b.get("counts", ())))
+            yield b
 
 
-def _require_samples(task: Task, images: list[bytes]) -> None:
-    if not images:  # before any prompt is encoded: an empty task is a broken suite, not a zero score
-        raise SuiteError(f"task {task.name}: no samples in {task.split_dir}")
-
-
-def evaluate_task(model, task: Task, batch_size: int = 256) -> dict[str, Any]:
-    """Metrics of one task for a ``datafilter.models.LoadedModel``-like model (encode_images, encode_texts)."""
-    images: list[bytes] = []
-    if task.type == "classification":
-        classnames, templates = task.classnames(), task.templates()
-        labels = []
-        for key, image, files in task.samples():
-            if "cls" not in files:
-                raise SuiteError(f"task {task.name}: sample {key} has no .cls label")
-            try:
-                labels.append(int(files["cls"].decode().strip()))
-            except ValueError:
-                raise SuiteError(f"task {task.name}: sample {key} has label {files['cls'][:20]!r}, not an integer")
-            images.append(image)
-        _require_samples(task, images)
-        if max(labels) >= len(classnames):
-            raise SuiteError(f"task {task.name}: label {max(labels)} but classnames.txt has {len(classnames)} lines")
-        prompts = [t.replace("{c}", c) for c in classnames for t in templates]
-        text = _encode_texts(model, prompts, batch_size).view(len(classnames), len(templates), -1)
-        image_emb = _encode_images(model, images, batch_size, f"task {task.name}")
-        metrics = classification_metrics(image_emb, torch.tensor(labels), class_embeddings(text))
-        extra = {"num_classes": len(classnames), "num_templates": len(templates), "chance": 1 / len(classnames)}
-    else:
-        captions: list[str] = []
-        text_image: list[int] = []
-        for key, image, files in task.samples():
-            lines = [ln.strip() for ln in files.get("txt", b"").decode("utf-8").splitlines() if ln.strip()]
-            if not lines:
-                raise SuiteError(f"task {task.name}: sample {key} has no caption (.txt)")
-            captions += lines
-            text_image += [len(images)] * len(lines)
-            images.append(image)
-        _require_samples(task, images)
-        image_emb = _encode_images(model, images, batch_size, f"task {task.name}")
-        text_emb = _encode_texts(model, captions, batch_size)
-        metrics = retrieval_metrics(image_emb, text_emb, torch.tensor(text_image))
-        extra = {"num_captions": len(captions), "chance": retrieval_chance(len(images), np.array(text_image))}
-    return {"type": task.type, "group": task.group, "metric": task.metric, "main": metrics[task.metric],
-            "metrics": metrics, "num_samples": len(images), **extra}
+def _identity(model, suite: Suite, precision: str) -> dict[str, Any]:
+    return {"model": model.name, "checkpoint_id": model.checkpoint_id, "suite_id": suite.suite_id,
+            "precision": precision}
 
 
 def evaluate_suite(model, suite: Suite, *, batch_size: int = 256, out: str | Path | None = None,
                    tasks: Sequence[str] | None = None, checkpoint: str | Path | None = None,
-                   on_task: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Evaluate every task (or the named ones) and return the results document; write it to ``out`` if given."""
+                   on_task: Callable[[str, dict[str, Any]], None] | None = None, workers: int | None = None,
+                   precision: str = "auto", threads: int | None = None) -> dict[str, Any]:
+    """Evaluate every task (or the named ones) and return the results document; write it to ``out`` if given.
+
+    ``workers`` decoding processes (default: half the free cores, at most 8; 0 decodes in this process);
+    ``threads``: the model's intra-op threads on a CPU (default: the free cores the workers leave).
+    """
+    from datafilter.embed.pipeline import cpu_threads, default_workers
+
     chosen = [suite.task(n) for n in tasks] if tasks else list(suite.tasks)
-    identity = {"model": model.name, "checkpoint_id": model.checkpoint_id, "suite_id": suite.suite_id}
+    workers = default_workers() if workers is None else workers
+    encoder = Encoder(model, batch_size, precision)
+    identity = _identity(model, suite, precision)
     partial_path = Path(f"{out}.partial.json") if out else None
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
     if partial_path is not None and partial_path.exists():
         partial = read_json(partial_path)
         if partial.get("identity") == identity:
             done = partial["tasks"]
             log.info("resuming evaluation: %d of %d tasks already done", len(done), len(chosen))
-    t0 = time.time()
-    for task in tqdm(chosen, desc=f"evaluate {suite.name}", unit="task"):
+    failed: dict[str, str] = {}
+    for task in chosen:  # cheap checks first: say everything that is missing before hours of work
         if task.name not in done:
-            done[task.name] = evaluate_task(model, task, batch_size)
-            if partial_path is not None:
-                write_json(partial_path, {"identity": identity, "tasks": done})
-        if on_task is not None:
-            on_task(task.name, done[task.name])
+            try:
+                task.check()
+            except TASK_ERRORS as exc:
+                failed[task.name] = f"task {task.name}: {exc}"
+    if failed:
+        log.error("%d of %d tasks cannot be evaluated (the others will be):\n  %s", len(failed), len(chosen),
+                  "\n  ".join(failed.values()))
+    t0 = time.time()
+    with cpu_threads(encoder.device, threads, workers):
+        for task in tqdm(chosen, desc=f"evaluate {suite.name}", unit="task"):
+            if task.name not in done and task.name not in failed:
+                try:
+                    done[task.name] = evaluate_task(model, task, batch_size, workers, encoder=encoder)
+                except TASK_ERRORS as exc:
+                    failed[task.name] = f"task {task.name}: {exc}"
+                    log.error("%s (the other tasks go on)", failed[task.name])
+                    continue
+                if partial_path is not None:
+                    write_json(partial_path, {"identity": identity, "tasks": done})
+            if on_task is not None and task.name in done:
+                on_task(task.name, done[task.name])
+    scored = {t.name: done[t.name] for t in chosen if t.name in done}
     results = {
         "model": model.name, "checkpoint_id": model.checkpoint_id, "checkpoint": str(checkpoint) if checkpoint else None,
         "suite": suite.to_json(), "datafilter_version": __version__, "seconds": time.time() - t0,
-        "tasks": {t.name: done[t.name] for t in chosen},
+        "precision": precision, "tasks": scored, "failed": failed,
+        "groups": group_averages(scored),
+        "coverage": coverage(chosen, scored, None if tasks else suite.expected_tasks),
     }
-    results["groups"] = group_averages(results["tasks"])
     if out is not None:
         write_json(out, results)
-        if partial_path is not None and partial_path.exists():
+        if partial_path is not None and partial_path.exists() and not failed:
             partial_path.unlink()
     return results
 
 
-def format_results(results: dict[str, Any]) -> str:
-    """A plain-text table: each task's main metric against chance, then the group averages (percent)."""
-    lines = [f"{'task':<28} {'group':<15} {'metric':<22} {'value':>7} {'chance':>7} {'x chance':>8}"]
+def datacomp_jsonl(results: dict[str, Any]) -> str:
+    """The results as DataComp's ``eval_results.jsonl`` (one line per task: key, dataset, metrics with
+    ``main_metric``), which DataComp's own ``aggregate_scores.py`` reads."""
+    import json
+
+    lines = []
     for name, r in results["tasks"].items():
-        ratio = r["main"] / r["chance"] if r.get("chance") else math.nan
-        lines.append(f"{name:<28} {r.get('group') or '-':<15} {r['metric']:<22} {100 * r['main']:>6.2f}% "
-                     f"{100 * r['chance']:>6.2f}% {ratio:>8.1f}")
-    lines.append("")
-    for label, value in results["groups"].items():
-        lines.append(f"{label:<28} {'-' if value is None else f'{100 * value:.2f}%'}")
-    return "\n".join(lines)
+        metrics = {**r["metrics"], "main_metric": r["main"]}
+        lines.append(json.dumps({"key": r.get("key", name), "dataset": r.get("label", name), "metrics": metrics}))
+    return "\n".join(lines) + "\n"
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A plain-text table per group: each task's main metric against chance, then the columns and the Average."""
+    from datafilter.evaluate.results import format_run
+
+    return format_run(results)

@@ -79,9 +79,10 @@ class PoolRecipe:
 @dataclass(frozen=True)
 class SuiteRecipe:
     imagenet_per_class: int = 1  # test images per class (1 = the canonical drawing; more = jittered copies)
-    # Images per class in the reference (train) split: ImageNet-1k's 1.28M train images are a tenth of DataComp
-    # small's 12.8M pool, and 13 per class make a tenth of micro's 128k.
-    reference_per_class: int = 13
+    # Images per class in the reference (train) split. ImageNet's train images are distinct photos; a micro class
+    # has one drawing in the test style, so its train split is that drawing once more in another placement
+    # (docs/micro.md: more placements of one drawing add no content, only spread a class over more clusters).
+    reference_per_class: int = 1
     composites_per_class: int = 100  # counting, position, size and colour images per class
     max_per_task: int = 2_000  # cap on test images for the VTAB-like and retrieval sets
     near_duplicate_threshold: float = 0.95  # cosine of grey thumbnails at or above which an image counts as a copy

@@ -282,6 +282,8 @@ def write_task_dir(directory: Path, task: Task, images: list[np.ndarray], keep: 
     (tmp / "nshards.txt").write_text(f"{nshards}\n")
     shutil.rmtree(split, ignore_errors=True)
     tmp.rename(split)
+    if task.type == "retrieval":  # CLIP_benchmark reads a folder as retrieval only when this file says so
+        (directory / "dataset_type.txt").write_text("retrieval\n")
     if task.type == "classification":
         (directory / "classnames.txt").write_text("\n".join(task.classnames) + "\n")
         (directory / "zeroshot_classification_templates.txt").write_text("\n".join(task.templates) + "\n")

@@ -7,10 +7,11 @@ Checkpoints are always read with ``weights_only=True``: a checkpoint is data, ne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -98,9 +99,29 @@ def create_model(name: str, seed: int = 0, pretrained: str | None = None, device
     # OpenAI's weights were trained with QuickGELU, which open_clip's plain ViT-B-32 / ViT-L-14 configs do not use;
     # without this, "ViT-B-32 + openai" would silently be a different network from the one DataComp scored with.
     quick_gelu = bool(pretrained and open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu"))
-    model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
-                                                                     force_quick_gelu=quick_gelu)
+    with _quiet_random_init():
+        model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
+                                                                         force_quick_gelu=quick_gelu)
     return model, train_tf, eval_tf, open_clip.get_tokenizer(name)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" whenever no pretrained tag is given,
+    which here is before every checkpoint load and every training run, where random initialisation is the point.
+    ``load_model`` says itself when a model really keeps random weights."""
+    root = logging.getLogger()  # open_clip logs through the root logger
+    flt = _DropRandomInitWarning()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 def _model_dims(model: torch.nn.Module) -> tuple[int, int]:
@@ -151,6 +172,18 @@ def _read_checkpoint(path: Path, name: str) -> tuple[dict[str, torch.Tensor], di
     return state, meta
 
 
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights with NaN: such a model scores, embeds and evaluates to NaN (or to a constant argmax that looks
+    like an accuracy) without any error. Infinities are allowed, as attention masks legitimately hold them."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and torch.isnan(v).any()]
+    if bad:
+        total = sum(1 for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+        raise CheckpointError(f"{path}: {len(bad)} of {total} weight tensors hold NaN (e.g. {', '.join(bad[:3])}); "
+                              f"a model with them embeds and evaluates to NaN. A training run that wrote it "
+                              f"diverged: use an earlier checkpoint, or retrain (a lower learning rate, or fp32 "
+                              f"instead of amp)")
+
+
 def read_checkpoint(path: str | Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, meta) of a checkpoint for model ``name``, read weights-only; a name mismatch is an error."""
     return _read_checkpoint(Path(path), name)
@@ -164,6 +197,7 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu", seed: int = 
     if spec.checkpoint:
         path = Path(spec.checkpoint)
         state, meta = _read_checkpoint(path, spec.name)
+        _check_finite(state, path)
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointError(

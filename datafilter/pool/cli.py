@@ -28,6 +28,19 @@ examples:
 """
 
 
+INFO_DESCRIPTION = """\
+Print what a pool holds: shards, samples written of inputs read, skipped by reason, bytes.
+
+Each shard lists its skipped inputs in NNNNNNNN_skipped.jsonl beside its stats (position among the shard's inputs,
+the file, tar key or URL, the reason and a detail); --skipped prints them all.
+
+examples:
+  datafilter pool info work/pools/photos
+  datafilter pool info work/pools/photos --skipped
+  datafilter pool info work/pools/photos --skipped --reason undecodable_image --json
+"""
+
+
 def register(commands) -> None:
     p = commands.subcommand("pool", GROUP_HELP, "ingest", "ingest images + captions (folder, table, shards, URLs)",
                             description=INGEST_DESCRIPTION)
@@ -57,8 +70,12 @@ def register(commands) -> None:
     p.add_argument("--json", action="store_true", help="print the resulting pool summary as JSON")
     p.set_defaults(func=_ingest)
 
-    p = commands.subcommand("pool", GROUP_HELP, "info", "print a pool's counts: shards, samples, skipped by reason, bytes")
+    p = commands.subcommand("pool", GROUP_HELP, "info", "print a pool's counts: shards, samples, skipped by reason, bytes",
+                            description=INFO_DESCRIPTION)
     p.add_argument("pool_dir", help="pool directory")
+    p.add_argument("--skipped", action="store_true",
+                   help="list every skipped input (shard, position, reason, file or key, detail)")
+    p.add_argument("--reason", help="with --skipped: only this reason (e.g. undecodable_image)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_info)
 
@@ -90,7 +107,30 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    if args.skipped:
+        return _print_skipped(args.pool_dir, args.reason, args.json)
+    if args.reason:
+        raise ValueError("--reason selects entries of the skip list; add --skipped")
     return _print_summary(args.pool_dir, args.json)
+
+
+def _print_skipped(pool_dir, reason: str | None, as_json: bool) -> int:
+    import json
+
+    from datafilter.pool.pool import Pool
+
+    listed, unlisted = Pool(pool_dir).skipped(reason)
+    if as_json:
+        print(json.dumps({"skipped": listed, "unlisted": unlisted}, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{'shard':<10} {'#':>6}  {'reason':<26} input")
+    for e in listed:
+        detail = f"  ({e['detail']})" if e.get("detail") else ""
+        print(f"{e['shard']:<10} {e['index']:>6}  {e['reason']:<26} {e.get('input') or '-'}{detail}")
+    print(f"{len(listed):,} skipped input(s) listed" + (f" with reason {reason}" if reason else ""))
+    if unlisted:
+        print(f"note     {unlisted:,} more counted in the stats of shards written without a skip list")
+    return 0
 
 
 def _print_summary(pool_dir, as_json: bool) -> int:

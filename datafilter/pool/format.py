@@ -3,6 +3,8 @@
 A pool directory holds, per shard ``NNNNNNNN``:
   - ``NNNNNNNN.tar``: WebDataset samples ``KEY.{jpg,png,webp}``, ``KEY.txt`` (caption), ``KEY.json`` (per-sample fields)
   - ``NNNNNNNN.parquet``: one row per sample, in tar order: ``uid``, ``key``, ``text``, sizes, ``sha256``, source fields
+  - ``NNNNNNNN_skipped.jsonl``: one line per input that was skipped (its position among the shard's inputs, what it
+    was, the reason and detail); only when something was skipped, written just before the stats.
   - ``NNNNNNNN_stats.json``: counts for the shard, written last; its presence marks the shard complete.
 Everything any later stage needs is in these files; the writer here is the only code that writes them.
 """
@@ -27,6 +29,7 @@ from datafilter.pool.images import ImageConfig, SkipSample, process_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 STATS_SUFFIX = "_stats.json"
+SKIPPED_SUFFIX = "_skipped.jsonl"
 # What a synthetic pool's builder knows and no filter may read (which samples are noise, of what kind): beside the
 # shards, read only by the filter report.
 GROUND_TRUTH = "ground_truth.parquet"
@@ -45,6 +48,18 @@ def shard_paths(pool_dir: Path, name: str) -> tuple[Path, Path, Path]:
     return pool_dir / f"{name}.tar", pool_dir / f"{name}.parquet", pool_dir / f"{name}{STATS_SUFFIX}"
 
 
+def skipped_path(pool_dir: Path, name: str) -> Path:
+    """The list of shard ``name``'s skipped inputs (absent when nothing was skipped)."""
+    return pool_dir / f"{name}{SKIPPED_SUFFIX}"
+
+
+def printable_name(name: str) -> str:
+    """A file or member name as valid UTF-8 text: bytes that are not UTF-8 (which Python's file system functions hand
+    over as surrogate escapes) are written ``\\xNN``. ``caf\\xe9.jpg`` names a Latin-1 ``café.jpg`` in parquet, JSON
+    and logs, which all need valid UTF-8; valid names are unchanged."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True)
 class CaptionConfig:
     """What counts as a usable caption. Absurdly long captions are almost always scraped page text."""
@@ -54,7 +69,8 @@ class CaptionConfig:
 
 
 def check_caption(text: str | bytes | None, cfg: CaptionConfig = CaptionConfig()) -> str:
-    """Return the caption stripped of surrounding white space, or raise ``SkipSample`` with the reason."""
+    """Return the caption stripped of surrounding white space and of a byte-order mark (Windows editors start UTF-8
+    files with one), or raise ``SkipSample`` with the reason."""
     if text is None:
         raise SkipSample("missing_caption")
     if isinstance(text, bytes):
@@ -66,13 +82,17 @@ def check_caption(text: str | bytes | None, cfg: CaptionConfig = CaptionConfig()
         if text != text:  # NaN from a table
             raise SkipSample("missing_caption")
         text = str(text)
-    text = text.strip()
+    text = text.strip().removeprefix("\ufeff").strip()
     if len(text) < cfg.min_chars:
         raise SkipSample("empty_caption")
     if len(text) > cfg.max_chars:
         raise SkipSample("caption_too_long", f"{len(text)} characters")
     if "\x00" in text:
         raise SkipSample("bad_caption", "contains NUL")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from a JSON "\\udce9" escape
+        raise SkipSample("non_utf8_caption", "not encodable as UTF-8") from None
     return text
 
 
@@ -88,10 +108,13 @@ def tar_member(name: str, size: int) -> tarfile.TarInfo:
 
 @dataclass
 class ShardWriter:
-    """Collects one shard's samples in order and writes tar, parquet and stats (stats last, all atomically).
+    """Collects one shard's samples in order and writes tar, parquet, the skip list and stats (stats last, all
+    atomically).
 
     ``add`` processes the image and caption and returns the uid, or counts the ``SkipSample`` reason and returns None.
-    Records are buffered because a shard is small (DataComp: 10k samples, a few hundred MB at most).
+    A uid the shard already holds is skipped as ``duplicate_uid``: subsets select by uid, so a second sample under
+    the same uid could never be told apart from the first. Records are buffered because a shard is small
+    (DataComp: 10k samples, a few hundred MB at most).
     """
 
     pool_dir: Path
@@ -111,21 +134,31 @@ class ShardWriter:
         self._tar = io.BytesIO()
         self._tf = tarfile.open(fileobj=self._tar, mode="w", format=tarfile.USTAR_FORMAT)
         self._rows: list[dict[str, Any]] = []
+        self._uids: set[str] = set()
         self.skipped: dict[str, int] = {}
+        self.skip_list: list[dict[str, Any]] = []
         self.seen = 0
         self._t0 = time.perf_counter()
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, origin: str | None = None, detail: str = "") -> None:
+        """Count one input that is not kept. ``origin`` says which input it was (a path, a tar key, a URL)."""
+        self.skip_list.append({"index": self.seen, "input": None if origin is None else printable_name(origin),
+                               "reason": reason, "detail": printable_name(detail)})
         self.seen += 1
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def add(self, image: bytes, caption: str | bytes | None, uid: str, source: dict[str, Any] | None = None,
-            ext: str | None = None, key: str | None = None) -> str | None:
+            ext: str | None = None, key: str | None = None, origin: str | None = None) -> str | None:
         """Add one sample. ``uid`` is computed by the source (see ``uid.make_uid``) so it stays stable.
 
         With ``reprocess=False`` the image bytes are stored as they are (``ext`` required): used when indexing shards
         that were already resized by their producer, which also pass their own ``key`` so rows match their tar.
+        ``origin`` names the input in the skip list (default: its ``source_path``, else its key).
         """
+        origin = origin or (source or {}).get("source_path") or key
+        if uid in self._uids:
+            self.skip("duplicate_uid", origin, f"uid {uid} is already in this shard")
+            return None
         try:
             text = check_caption(caption, self.caption_cfg)
             if self.reprocess:
@@ -139,9 +172,10 @@ class ShardWriter:
                 ow = int((source or {}).get("original_width") or w)
                 oh = int((source or {}).get("original_height") or h)
         except SkipSample as exc:
-            self.skip(exc.reason)
+            self.skip(exc.reason, origin, exc.detail)
             return None
         self.seen += 1
+        self._uids.add(uid)
         key = key or f"{self.name}{len(self._rows):0{self.key_digits}d}"
         source = dict(source or {})
         # An indexed shard keeps its producer's hash of the original download (DataComp joins and dedups on it).
@@ -183,6 +217,12 @@ class ShardWriter:
         table = rows_to_table(self._rows)
         with atomic_path(parquet_path) as tmp:
             pq.write_table(table, tmp, compression="zstd")
+        skip_path = skipped_path(self.pool_dir, self.name)
+        if self.skip_list:
+            with atomic_path(skip_path) as tmp:
+                tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.skip_list))
+        else:
+            skip_path.unlink(missing_ok=True)  # a list from an earlier, killed attempt at this shard
         stats = {
             "shard": self.name,
             "format_version": FORMAT_VERSION,

@@ -11,7 +11,8 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageFile, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # A truncated file must be rejected, not padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -97,8 +98,31 @@ def open_image(data: bytes, max_pixels: int = ImageConfig.max_pixels, reduce_to:
     return img
 
 
+# Pillow's modes for greyscale with more than 8 bits (16-bit PNG and TIFF decode to "I;16", older Pillow to "I")
+# and for floating-point greyscale.
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _wide_grey_to_l(img: Image.Image) -> Image.Image:
+    """Scale a 16-bit (or float) greyscale image to 8 bits.
+
+    Pillow's ``convert("L")``/``convert("RGB")`` clips these values at 255 instead of scaling them, so almost every
+    16-bit image comes out white. Integer modes are taken as 16-bit (0..65535), floats as 0..1 when they fit there.
+    """
+    arr = np.asarray(img, dtype=np.float64)
+    top = 1.0 if img.mode == "F" and (arr.size == 0 or float(np.nanmax(arr)) <= 1.0) else 65535.0
+    arr = np.nan_to_num(arr, nan=0.0)
+    return Image.fromarray((np.clip(arr, 0, top) * (255.0 / top) + 0.5).astype(np.uint8), "L")
+
+
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Flatten transparency onto ``background`` (icons and clip art are mostly transparent) and convert to RGB."""
+    """Flatten transparency onto ``background`` (icons and clip art are mostly transparent) and convert to RGB.
+
+    The one place where decoded images become RGB for every stage (ingest, embedding, training, evaluation), so a
+    decoding rule (such as scaling 16-bit greyscale) is made once, here.
+    """
+    if img.mode in _WIDE_GREY:
+        img = _wide_grey_to_l(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         out = Image.new("RGB", rgba.size, background)
@@ -116,13 +140,35 @@ def encode_image(img: Image.Image, cfg: ImageConfig) -> bytes:
     return buf.getvalue()
 
 
+# EXIF orientations (tag 0x0112) that turn the stored image by 90 degrees one way or the other.
+_ORIENTATION = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def upright(img: Image.Image) -> tuple[Image.Image, bool]:
+    """The image as it is meant to be seen: turned and mirrored as its EXIF orientation says (phone cameras store
+    pixels as the sensor saw them and record the rotation in EXIF). Returns the image and whether width and height
+    swapped. Undecodable EXIF is ignored, as viewers ignore it."""
+    try:
+        orientation = int(img.getexif().get(_ORIENTATION, 1))
+        if orientation == 1:
+            return img, False
+        return ImageOps.exif_transpose(img), orientation in _QUARTER_TURNS
+    except Exception:  # malformed EXIF blocks raise all sorts of errors inside Pillow
+        return img, False
+
+
 def process_image(data: bytes, cfg: ImageConfig) -> EncodedImage:
-    """Decode, validate, downscale (never upscale) to ``cfg.max_side`` keeping the ratio, and re-encode."""
+    """Decode, validate, turn upright (EXIF orientation), downscale (never upscale) to ``cfg.max_side`` keeping the
+    ratio, and re-encode. Sizes, original ones included, are those of the upright image."""
     # the fast path: "area" averages pixels, and so does decoding a large JPEG at reduced scale
     img = open_image(data, cfg.max_pixels, reduce_to=cfg.max_side if cfg.resample == "area" else 0)
     ow, oh = img.info.get("original_size", img.size)
     if min(ow, oh) < cfg.min_side:
         raise SkipSample("image_too_small", f"{ow}x{oh}")
+    img, swapped = upright(img)
+    if swapped:
+        ow, oh = oh, ow
     img = to_rgb(img)
     scale = cfg.max_side / max(ow, oh)
     if scale < 1:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datafilter.common.files import read_json, stable_hash
-from datafilter.pool.format import IMAGE_EXTS, shard_paths
+from datafilter.pool.format import IMAGE_EXTS, shard_paths, skipped_path
 from datafilter.pool.uid import hex_to_uids, uids_from_arrow
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,14 @@ class Shard:
 
     def read_stats(self) -> dict[str, Any]:
         return read_json(self.stats) if self.stats.exists() else {}
+
+    def read_skipped(self) -> list[dict[str, Any]]:
+        """The inputs this shard skipped, in input order: ``index`` (position among the shard's inputs), ``input``
+        (path, key or URL; None where the writer did not know it), ``reason``, ``detail``."""
+        path = skipped_path(self.stats.parent, self.name)
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,20 @@ class Pool:
     @staticmethod
     def _schema_names(shard: Shard) -> set[str]:
         return set(pq.read_schema(shard.parquet).names)
+
+    def skipped(self, reason: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """Every skipped input (optionally of one ``reason``), each with its ``shard``, and how many skips the shards'
+        stats count but no list names (shards written before skip lists were kept)."""
+        listed, unlisted = [], 0
+        for s in self.shards:
+            entries = s.read_skipped()
+            counts = s.read_stats().get("skipped") or {}
+            if reason is not None:
+                entries = [e for e in entries if e.get("reason") == reason]
+                counts = {reason: counts.get(reason, 0)}
+            unlisted += max(0, sum(int(n) for n in counts.values()) - len(entries))
+            listed.extend({"shard": s.name, **e} for e in entries)
+        return listed, unlisted
 
     def summary(self) -> dict[str, Any]:
         skipped: dict[str, int] = {}

@@ -18,11 +18,12 @@ UID_DTYPE = np.dtype("u8,u8")
 def make_uid(*parts: str | bytes) -> str:
     """A stable uid for a sample from the parts that identify it (same parts, same uid, on any machine).
 
-    Parts are length-prefixed before hashing so that ("ab", "c") and ("a", "bc") differ.
+    Parts are length-prefixed before hashing so that ("ab", "c") and ("a", "bc") differ. Text is hashed as UTF-8; a
+    file name that is not valid UTF-8 (which Python hands over with surrogate escapes) is hashed as its own bytes.
     """
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
-        b = part.encode("utf-8") if isinstance(part, str) else bytes(part)
+        b = part.encode("utf-8", "surrogateescape") if isinstance(part, str) else bytes(part)
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
     return h.hexdigest()

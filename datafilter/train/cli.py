@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from datafilter.train.config import AUGMENTS, DATA_PATHS, PRECISIONS
+
 SCORER_HELP = "the offline scorer: a CLIP trained on a clean pool, used for CLIP scores when no OpenAI CLIP is at hand"
 
 
@@ -12,8 +14,9 @@ def register(commands) -> None:
         "train", "train a CLIP on a pool or a subset of it, for a fixed number of samples seen",
         description="Train a CLIP on POOL_DIR (or the uids of --subset, repeats meaning up-sampling) with DataComp's\n"
                     "fixed recipe of the chosen scale. Samples are drawn with replacement, so the samples seen are\n"
-                    "the same whatever the subset size. Resumes from RUN_DIR's last checkpoint after a kill; under\n"
-                    "torchrun (WORLD_SIZE > 1) it trains with DDP.")
+                    "the same whatever the subset size. DataComp's scales stream the shards as open_clip does; small\n"
+                    "pools are decoded into memory once. Resumes from the output's last checkpoint after a kill;\n"
+                    "under torchrun or srun (WORLD_SIZE or SLURM_NTASKS > 1) it trains with DDP.")
     p.add_argument("pool_dir", help="pool directory")
     p.add_argument("--subset", help="subset .npy of u8,u8 uids (a repeated uid is drawn more often)")
     p.add_argument("--scale", default="micro", help="row of the scale table: nano, micro, small, medium, large, "
@@ -24,7 +27,19 @@ def register(commands) -> None:
     p.add_argument("--lr", type=float, help="override the scale's learning rate")
     p.add_argument("--warmup", type=int, help="override the scale's warm-up steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=("fp32", "bf16", "amp"), default="fp32")
+    p.add_argument("--precision", choices=(*PRECISIONS, "amp_bfloat16"),
+                   help="open_clip's names: amp (fp16 autocast, loss scaling), amp_bf16, bf16 and fp16 (weights in "
+                        "that type), fp32; default auto: amp on a GPU, fp32 on CPU")
+    p.add_argument("--data", choices=DATA_PATHS,
+                   help="memory (decode the pool once, draw every batch) or stream (read shards with resampling, "
+                        "as open_clip); default: the scale's (auto: memory when the decoded pool fits)")
+    p.add_argument("--augment", choices=AUGMENTS, help="override the scale's augmentation (open_clip needs --data "
+                                                       "stream)")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the backward pass: less memory, same result (default: on at "
+                        "DataComp's scales, as its train.py)")
+    p.add_argument("--fresh-stream", action="store_true",
+                   help="resume a streamed run under another number of ranks or --workers with new streams")
     _add_runtime(p)
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final checkpoint.pt)")
     p.set_defaults(func=_train)
@@ -52,7 +67,8 @@ def register(commands) -> None:
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads per rank (default: free cores / local ranks)")
-    p.add_argument("--workers", type=int, help="DataLoader workers (streamed pools; default 0)")
+    p.add_argument("--workers", type=int, help="DataLoader workers per rank (default: the scale's; 4 at DataComp's "
+                                                "scales). A streamed run reads one stream per worker")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--device", default="auto", help="auto (the rank's GPU if present), cpu, cuda ...")
 
@@ -62,9 +78,11 @@ def _train(args: argparse.Namespace) -> int:
     from datafilter.train.loop import train
 
     cfg = scale_config(args.scale, model=args.model, samples_seen=args.samples_seen, batch_size=args.batch_size,
-                       lr=args.lr, warmup=args.warmup, seed=args.seed, precision=args.precision,
-                       workers=args.workers, checkpoint_every=args.checkpoint_every)
-    result = train(args.pool_dir, args.out, cfg, subset=args.subset, threads=args.threads, device=args.device)
+                       lr=args.lr, warmup=args.warmup, seed=args.seed, precision=args.precision, data=args.data,
+                       augment=args.augment, grad_checkpointing=args.grad_checkpointing, workers=args.workers,
+                       checkpoint_every=args.checkpoint_every)
+    result = train(args.pool_dir, args.out, cfg, subset=args.subset, threads=args.threads, device=args.device,
+                   fresh_stream=args.fresh_stream)
     print(f"checkpoint  {result.checkpoint}")
     print(f"model       {result.model}")
     print(f"samples     {result.samples_seen:,} in {result.steps:,} steps, final loss {result.final_loss:.4f}")

@@ -5,14 +5,23 @@ A run directory holds::
     RUN_DIR/run.json                 what is being trained: recipe, pool id, subset file and its hash
     RUN_DIR/checkpoints/latest.pt    model weights at the last checkpoint step (``meta.step``)
     RUN_DIR/checkpoints/optim-NNNNNNNN.pt  optimiser (and loss-scaler) state of that step
-    RUN_DIR/metrics.jsonl            step, samples seen, loss, lr, logit scale, samples/s every ``log_every`` steps
+    RUN_DIR/checkpoints/stream-NNNNNNNN-rRRRRR.json  a streamed run's positions in its streams at that step, per rank
+    RUN_DIR/stream/                  a streamed run's subset index (repeat count of every pool row)
+    RUN_DIR/metrics.jsonl            step, samples seen, loss, lr, logit scale, samples/s, seconds so far and of them
+                                     waiting for data, every ``log_every`` steps
     RUN_DIR/checkpoint.pt            the final model (``datafilter.models.save_checkpoint`` format)
     RUN_DIR/train.json               summary, written last: its presence means the run is complete
 
-Every write is atomic. The optimiser state is written before the model checkpoint that names its step, and older
-states are removed only after, so a kill at any moment leaves a consistent pair to resume from. Since the learning
-rate is a function of the step and every batch a function of ``(seed, step)``, a resumed run ends with exactly the
-weights an uninterrupted run would have.
+``run.json`` is written only once every check has passed (recipe, subset, world size, resume layout), so a refused
+run leaves nothing that would refuse its corrected rerun. Every write is atomic. The optimiser state and stream
+positions are written before the model checkpoint that names their step, and older ones are deleted after it. Since
+the learning rate is a function of the step and every batch a function of ``(seed, step)`` (in-memory path) or of
+the stream positions saved with the checkpoint (streamed path), a resumed run ends with exactly the weights an
+uninterrupted run would have.
+
+The training step is open_clip's (``open_clip_train.train.train_one_epoch``) as DataComp's ``train.py`` configures
+it: autocast in the chosen precision with a loss scaler for ``amp``, ``ClipLoss`` with ``local_loss`` and
+``gather_with_grad``, DDP with a static graph, optional gradient checkpointing, the logit scale clamped at 100.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,7 +43,6 @@ from datafilter.common.files import atomic_path, read_json, sha256_file, write_j
 from datafilter.common.launch import LaunchEnv, ddp_env, free_cores
 from datafilter.pool.pool import Pool
 from datafilter.train.config import TrainConfig
-from datafilter.train.data import StepBatches, StreamedImages, decoded_pool, subset_rows
 from datafilter.train.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -81,20 +89,28 @@ def _identity(x):
     return x
 
 
-def _same(stored: dict[str, Any], identity: dict[str, Any]) -> bool:
-    """Whether a stored run is this one: same recipe, pool content and subset content (paths may differ)."""
-    return {k: stored.get(k) for k in identity} == json.loads(json.dumps(identity))
+def differences(stored: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    """What differs between a stored run's identity and this one's, one ``name: stored -> now`` line per field (the
+    recipe's fields one by one); empty when they are the same run."""
+    now = json.loads(json.dumps(identity))
+    out = []
+    for key in now:
+        a, b = stored.get(key), now[key]
+        if key == "recipe" and isinstance(a, dict):
+            out += [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+                    for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
 
 
-def _load_subset(path: str | Path) -> np.ndarray:
-    # The filters package owns the subset format (sidecar checks included); a bare DataComp .npy loads as well.
-    from datafilter.filters.subset import load_subset
-
-    return load_subset(path)[0]
+def _mismatch(what: str, path: Path, diff: list[str]) -> RunMismatchError:
+    return RunMismatchError(f"{path} {what} ({'; '.join(diff)}); choose another output directory, or delete "
+                            f"{path.parent} to start over")
 
 
 class _Distributed:
-    """Process-group set-up and the few collectives the loop needs; a no-op for a single process."""
+    """Process-group set-up and the few collectives the loop needs; no-ops for a single process."""
 
     def __init__(self, env: LaunchEnv, device: torch.device):
         self.env = env
@@ -112,6 +128,45 @@ class _Distributed:
 
             dist.barrier()
 
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean over ranks of a scalar (each rank's local loss, with ``local_loss``)."""
+        value = value.detach()
+        if self.env.distributed:
+            import torch.distributed as dist
+
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.env.world_size
+        return float(value)
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.env.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` run by rank 0 only; every rank gets its result, or raises its error (none waits at a barrier for
+        a rank that gave up)."""
+        result = error = None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as exc:
+                error = exc
+        if self.env.distributed:
+            import torch.distributed as dist
+
+            box = [(result, error)]
+            dist.broadcast_object_list(box, src=0)
+            result, error = box[0]
+        if error is not None:
+            raise error
+        return result
+
     def close(self) -> None:
         if self.env.distributed:
             import torch.distributed as dist
@@ -120,103 +175,250 @@ class _Distributed:
                 dist.destroy_process_group()
 
 
+@dataclass
+class Stepper:
+    """One optimiser step of open_clip's trainer (``train_one_epoch``) as DataComp's ``train.py`` configures it.
+
+    Shared by the loop and the benchmarks' bare loops, so that those time exactly the step the loop runs.
+    """
+
+    model: torch.nn.Module  # the model itself (its state is what checkpoints hold)
+    train_model: torch.nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # amp's loss scaler
+    autocast: Any
+    loss_fn: torch.nn.Module
+    device: torch.device
+    input_dtype: torch.dtype | None  # bf16 / fp16: the images are cast, like the weights
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, cfg: TrainConfig, dev: torch.device, env: LaunchEnv) -> "Stepper":
+        """The device's settings, gradient checkpointing, low-precision weights, AdamW, the loss scaler, DDP and
+        ClipLoss."""
+        from open_clip.loss import ClipLoss
+
+        if dev.type == "cuda":  # as open_clip's trainer sets them: TF32 matmuls, cuDNN autotuning
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        if input_dtype is not None:  # open_clip's pure low-precision modes: the weights themselves in that type
+            from open_clip.model import convert_weights_to_lp
+
+            convert_weights_to_lp(model, dtype=input_dtype)
+        model = model.to(dev)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" else None
+        amp_dtype = {"amp": torch.float16, "amp_bf16": torch.bfloat16}.get(cfg.precision)
+        autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        train_model: torch.nn.Module = model
+        if env.distributed:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None, static_graph=True)
+        loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
+                           rank=env.rank, world_size=env.world_size)
+        return cls(model, train_model, optimizer, scaler, autocast, loss_fn, dev, input_dtype)
+
+    def __call__(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Forward, loss, backward, optimiser step, the logit scale clamped at ln 100; returns this rank's loss."""
+        images = images.to(self.device, dtype=self.input_dtype, non_blocking=True)
+        tokens = tokens.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast:
+            image_f, text_f, logit_scale = self.train_model(images, tokens)[:3]
+            loss = self.loss_fn(image_f, text_f, logit_scale)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+        return loss
+
+
+def _input_size(model: torch.nn.Module) -> int:
+    size = model.visual.image_size
+    return int(size if isinstance(size, int) else size[0])
+
+
+def _streams(cfg: TrainConfig) -> int:
+    return max(1, cfg.workers)
+
+
+def _check_runnable(cfg: TrainConfig, env: LaunchEnv, dev: torch.device, ckpt_dir: Path, fresh_stream: bool) -> None:
+    """Everything about the launch that can be refused before any work: batch split, precision, resume layout."""
+    for size in {cfg.batch_size, cfg.batch_size_at(cfg.steps - 1)}:  # the last batch may be smaller
+        if size % env.world_size:
+            ok = [w for w in range(1, min(cfg.batch_size, 1024) + 1) if cfg.batch_size % w == 0 and size % w == 0]
+            raise ValueError(f"a global batch of {size} does not split evenly across {env.world_size} ranks (batch "
+                             f"size {cfg.batch_size}, {cfg.samples_seen:,} samples seen); run on a world size that "
+                             f"divides it (e.g. {', '.join(map(str, ok[-6:]))}) or change --batch-size")
+    if cfg.precision in ("amp", "fp16") and dev.type != "cuda":
+        raise ValueError(f"precision {cfg.precision!r} (fp16) needs a GPU; use amp_bf16, bf16 or fp32 on CPU")
+    if cfg.data == "stream" and (ckpt_dir / "latest.pt").exists() and not fresh_stream:
+        from datafilter.train.stream import layout_of
+
+        saved = layout_of(ckpt_dir)
+        now = {"world_size": env.world_size, "streams": _streams(cfg)}
+        if saved is not None and saved != now:
+            raise ValueError(
+                f"{ckpt_dir} holds stream positions for {saved['world_size']} rank(s) x {saved['streams']} stream(s) "
+                f"(loader workers) each, but this launch has {now['world_size']} x {now['streams']}. Relaunch with "
+                f"that layout to continue the exact sample order, or pass --fresh-stream to continue from the "
+                f"checkpoint with new streams (samples seen stay exact; the order after it differs from an "
+                f"uninterrupted run)")
+
+
 def train(pool_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, subset: str | Path | None = None, *,
-          threads: int | None = None, device: str = "auto", env: LaunchEnv | None = None) -> TrainResult:
+          threads: int | None = None, device: str = "auto", env: LaunchEnv | None = None,
+          fresh_stream: bool = False) -> TrainResult:
     """Train ``cfg.model`` on the pool (or the subset of it) for exactly ``cfg.samples_seen`` samples.
 
     Resumes from ``out_dir``'s last checkpoint; returns at once when ``out_dir`` already holds the finished run.
+    ``fresh_stream`` lets a streamed run resume under another number of ranks or loader workers, with new streams.
     """
+    from datafilter.models import create_model, pick_device
+
     out = Path(out_dir)
     env = env or ddp_env()
     pool = Pool(pool_dir)
+    dev = pick_device(device, env.local_rank)
+    model, train_tf, _, tokenizer = create_model(cfg.model, seed=cfg.seed, device="cpu")  # checks the name too
+    size = _input_size(model)
+    cfg = cfg.resolved(dev.type, pool.num_samples * size * size * 3)
     identity = {"recipe": cfg.recipe(), "pool_id": pool.pool_id,
                 "subset_sha256": sha256_file(subset) if subset is not None else None}
     done = out / DONE_FILE
     if done.exists():
         summary = read_json(done)
-        if not _same(summary.get("identity", {}), identity):
-            raise RunMismatchError(f"{out} holds a finished run of another recipe, pool or subset ({done}); "
-                                   f"choose another output directory")
+        diff = differences(summary.get("identity", {}), identity)
+        if diff:
+            raise _mismatch("holds a finished run of another recipe, pool or subset", done, diff)
         log.info("%s: already trained (%s)", out, done)
         return TrainResult.from_summary(out, summary)
-    for size in {cfg.batch_size, cfg.batch_size_at(cfg.steps - 1)}:  # the last batch may be smaller
-        if size % env.world_size:
-            raise ValueError(f"a batch of {size} does not split evenly across {env.world_size} ranks (batch size "
-                             f"{cfg.batch_size}, {cfg.samples_seen} samples seen); choose values that do")
+    run_file = out / RUN_FILE
+    # Every rank checks (so none waits at a barrier for a rank that gave up); rank 0 writes, once all checks passed.
+    if run_file.exists():
+        diff = differences(read_json(run_file), identity)
+        if diff:
+            raise _mismatch("describes another run", run_file, diff)
+    _check_runnable(cfg, env, dev, out / "checkpoints", fresh_stream)
 
-    from datafilter.models import pick_device
-
-    dev = pick_device(device, env.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)) if env.distributed else 1
-    torch.set_num_threads(threads or max(1, free_cores() // local_world))
+    loader_cores = cfg.workers if cfg.data == "stream" else 0
+    torch.set_num_threads(threads or max(1, free_cores() // local_world - loader_cores))
     dist = _Distributed(env, dev)
     try:
-        return _train(pool, out, cfg, subset, identity, env, dev, dist)
+        return _train(pool, out, cfg, subset, identity, env, dev, dist, model, train_tf, tokenizer, fresh_stream)
     finally:
         dist.close()
 
 
+@dataclass
+class _Data:
+    """A data path made ready: its dataset for the loop and what the summary reports about it."""
+
+    dataset: torch.utils.data.Dataset
+    info: dict[str, Any]
+    stream_states: dict[int, dict[str, Any]] | None = None  # streamed: the positions to continue from
+    origin: int = 0
+
+
+def _memory_data(pool: Pool, cfg: TrainConfig, subset: str | Path | None, env: LaunchEnv, dist: _Distributed,
+                 augment: Any, tokenizer: Callable, run_file: Callable[[], None]) -> _Data:
+    from datafilter.filters.subset import load_subset
+    from datafilter.train.data import StepBatches, decoded_pool, subset_rows
+
+    uids = load_subset(subset)[0] if subset is not None else None
+    rows, missing = subset_rows(pool, uids, str(subset or "pool"))
+    run_file()  # the subset is fine: from here on the run directory is this run's
+    workers = cfg.decode_workers or max(1, free_cores() // env.world_size)
+    images, valid = decoded_pool(pool, augment.size, workers=workers, env=env, sync=dist.barrier)
+    keep = valid[rows]
+    if not keep.any():
+        raise ValueError(f"no decodable image among the training rows of {pool.path}")
+    if not keep.all():
+        log.warning("%d of %d training rows have undecodable images; batches replace them", int((~keep).sum()),
+                    len(rows))
+    dataset = StepBatches(rows=rows, texts=pool.column("text"), images=images, valid=valid, tokenizer=tokenizer,
+                          augment=augment, seed=cfg.seed, batch_size_at=cfg.batch_size_at, steps=cfg.steps,
+                          rank=env.rank, world_size=env.world_size)
+    entries = len(rows) + missing
+    return _Data(dataset, {"subset_entries": entries, "found": len(rows), "missing": missing,
+                           "unique_rows": int(len(np.unique(rows)))})
+
+
+def _stream_data(pool: Pool, out: Path, cfg: TrainConfig, subset: str | Path | None, identity: dict[str, Any],
+                 env: LaunchEnv, dist: _Distributed, augment: Any, tokenizer: Callable, start: int,
+                 fresh_stream: bool, run_file: Callable[[], None]) -> _Data:
+    from datafilter.train.stream import StreamBatches, prepare_source, stream_file
+
+    source = dist.on_main(lambda: prepare_source(pool, subset, identity["subset_sha256"], out / "stream"))
+    run_file()
+    states: dict[int, dict[str, Any]] = {}
+    origin = 0
+    if start and fresh_stream:
+        origin = start
+        log.info("resuming at step %d with fresh streams (--fresh-stream)", start)
+    elif start:
+        path = stream_file(out / "checkpoints", start, env.rank)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} (the stream positions of the checkpoint at step {start}) is missing; "
+                                    f"pass --fresh-stream to continue with new streams")
+        saved = read_json(path)
+        origin = int(saved["origin"])
+        states = {int(k): v for k, v in saved["states"].items()}
+    dataset = StreamBatches(source, augment=augment, tokenizer=tokenizer, seed=cfg.seed, origin=origin,
+                            rank=env.rank, world_size=env.world_size, streams=_streams(cfg), start=start,
+                            steps=cfg.steps, batch_size_at=cfg.batch_size_at, buffer=cfg.shuffle_buffer,
+                            initial=cfg.shuffle_initial, states=states)
+    return _Data(dataset, dict(source.info), dict(states), origin)
+
+
 def _train(pool: Pool, out: Path, cfg: TrainConfig, subset: str | Path | None, identity: dict[str, Any],
-           env: LaunchEnv, dev: torch.device, dist: _Distributed) -> TrainResult:
-    from open_clip.loss import ClipLoss
+           env: LaunchEnv, dev: torch.device, dist: _Distributed, model: torch.nn.Module, train_tf: Callable,
+           tokenizer: Callable, fresh_stream: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
-    from datafilter.models import create_model, read_checkpoint, save_checkpoint
+    from datafilter.models import read_checkpoint, save_checkpoint
+    from datafilter.train.transforms import make_augment
 
     ckpt_dir = out / "checkpoints"
-    run_file = out / RUN_FILE
-    # Every rank checks (so none waits at a barrier for a rank that gave up); rank 0 writes.
-    if run_file.exists() and not _same(read_json(run_file), identity):
-        raise RunMismatchError(f"{run_file} describes another run (recipe, pool or subset differ); "
-                               f"choose another output directory or delete {out}")
-    if dist.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if not run_file.exists():
-            write_json(run_file, {**identity, "pool": str(pool.path), "subset": str(subset) if subset else None})
-    dist.barrier()
-
-    model, _, _, tokenizer = create_model(cfg.model, seed=cfg.seed, device="cpu")
-    visual = model.visual
-    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
-
-    rows = subset_rows(pool, _load_subset(subset) if subset is not None else None, str(subset or "pool"))
-    texts = pool.column("text")
-    decoded_bytes = pool.num_samples * size * size * 3
-    if decoded_bytes <= cfg.in_memory_max_bytes:
-        workers = cfg.decode_workers or max(1, free_cores() // env.world_size)
-        images, valid = decoded_pool(pool, size, workers=workers, env=env, sync=dist.barrier)
-        keep = valid[rows]
-        if not keep.any():
-            raise ValueError(f"no decodable image among the training rows of {pool.path}")
-        if not keep.all():
-            # Kept in ``rows`` so that draws match the streamed path exactly; each batch replaces them.
-            log.warning("%d of %d training rows have undecodable images; batches replace them", int((~keep).sum()),
-                        len(rows))
-        source: np.ndarray | StreamedImages = images
-    else:
-        log.info("decoded pool would take %.1f GiB (> in_memory_max_bytes); streaming images from the tars",
-                 decoded_bytes / 2**30)
-        source, valid = StreamedImages(pool, size), None
-    log.info("training %s on %d rows (%d unique) of %s for %d samples (%d steps of %d)", cfg.model, len(rows),
-             len(np.unique(rows)), pool.path, cfg.samples_seen, cfg.steps, cfg.batch_size)
-
-    model = model.to(dev)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  eps=cfg.eps)
-    use_amp = cfg.precision == "amp"
-    if use_amp and dev.type != "cuda":
-        raise ValueError("precision 'amp' (fp16 with loss scaling) needs a GPU; use bf16 or fp32 on CPU")
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-
-    # Resume.
-    start = 0
     latest = ckpt_dir / "latest.pt"
+    start = 0
     if latest.exists():
         state, meta = read_checkpoint(latest, cfg.model)
         start = int(meta["step"])
         model.load_state_dict(state)
+
+    def write_run_file() -> None:
+        if dist.is_main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if not (out / RUN_FILE).exists():
+                write_json(out / RUN_FILE, {**identity, "pool": str(pool.path),
+                                            "subset": str(subset) if subset else None})
+        dist.barrier()
+
+    augment = make_augment(cfg.augment, model, train_tf, cfg)
+    if cfg.data == "memory":
+        data = _memory_data(pool, cfg, subset, env, dist, augment, tokenizer, write_run_file)
+    else:
+        data = _stream_data(pool, out, cfg, subset, identity, env, dist, augment, tokenizer, start, fresh_stream,
+                            write_run_file)
+    log.info("training %s on %s of %s (%s path) for %d samples (%d steps of %d)", cfg.model,
+             f"{data.info['found']:,} subset entries" if subset else "every sample", pool.path, cfg.data,
+             cfg.samples_seen, cfg.steps, cfg.batch_size)
+
+    stepper = Stepper.build(model, cfg, dev, env)
+    optimizer, scaler = stepper.optimizer, stepper.scaler
+    if start:
         opt_state = torch.load(ckpt_dir / f"optim-{start:08d}.pt", map_location=dev, weights_only=True)
         optimizer.load_state_dict(opt_state["optimizer"])
         if scaler is not None and opt_state.get("scaler"):
@@ -225,84 +427,84 @@ def _train(pool: Pool, out: Path, cfg: TrainConfig, subset: str | Path | None, i
     if dist.is_main:  # lines logged after the last checkpoint (or before the first) are logged again
         _truncate_metrics(out / METRICS_FILE, start)
 
-    train_model: torch.nn.Module = model
-    if env.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    loss_fn = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
-                       rank=env.rank, world_size=env.world_size)
-
-    dataset = StepBatches(
-        rows=rows, texts=texts, images=source, valid=valid, tokenizer=tokenizer, seed=cfg.seed,
-        batch_size_at=cfg.batch_size_at, steps=cfg.steps, rank=env.rank, world_size=env.world_size,
-        templates=cfg.caption_templates, jitter_pad=cfg.jitter_pad, colour_jitter=cfg.colour_jitter,
-        mean=visual.image_mean, std=visual.image_std, greyscale=cfg.greyscale, low_res=cfg.low_res)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, cfg.steps),
-                                         num_workers=cfg.workers, collate_fn=_identity,
-                                         persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
-    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
-                else torch.autocast(dev.type, dtype=torch.float16) if use_amp else contextlib.nullcontext())
+    if cfg.data == "memory":
+        loader = torch.utils.data.DataLoader(data.dataset, batch_size=None, sampler=range(start, cfg.steps),
+                                             num_workers=cfg.workers, collate_fn=_identity,
+                                             prefetch_factor=4 if cfg.workers else None, pin_memory=dev.type == "cuda")
+    else:
+        loader = torch.utils.data.DataLoader(data.dataset, batch_size=None, num_workers=cfg.workers,
+                                             collate_fn=_identity, prefetch_factor=2 if cfg.workers else None,
+                                             pin_memory=dev.type == "cuda")
+    stream_states = data.stream_states
+    layout = {"world_size": env.world_size, "streams": _streams(cfg)}
 
     def save_state(step: int) -> None:
-        """Optimiser state first, then the model checkpoint naming its step, then old states go."""
+        """Stream positions and optimiser state first, then the model checkpoint naming their step; then old ones go."""
+        from datafilter.train.stream import stream_file
+
+        if stream_states is not None:
+            with atomic_path(stream_file(ckpt_dir, step, env.rank)) as tmp:
+                tmp.write_text(json.dumps({"step": step, "layout": layout, "origin": data.origin,
+                                           "states": stream_states}))
+        dist.barrier()
         if dist.is_main:
             opt_path = ckpt_dir / f"optim-{step:08d}.pt"
             with atomic_path(opt_path) as tmp:
                 torch.save({"step": step, "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict() if scaler is not None else None}, tmp)
             save_checkpoint(model, cfg.model, latest, meta={"step": step})
-            for old in ckpt_dir.glob("optim-*.pt"):
-                if old != opt_path:
+            for old in [*ckpt_dir.glob("optim-*.pt"), *ckpt_dir.glob("stream-*.json")]:
+                if not old.name.startswith((f"optim-{step:08d}", f"stream-{step:08d}-")):
                     old.unlink()
         dist.barrier()
 
     model.train()
     t0 = time.time()
+    waited = 0.0  # seconds spent waiting for the loader (open_clip's data_time)
+    ready = time.time()
     seen_here = 0
     loss_value = float("nan")
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step", disable=not dist.is_main)
+    # Only other ranks are silenced here, so that TQDM_DISABLE (set for runs side by side) still applies to rank 0.
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step",
+               **({} if dist.is_main else {"disable": True}))
     metrics = open(out / METRICS_FILE, "a") if dist.is_main else None
     try:
         for step, batch in zip(range(start, cfg.steps), loader):
+            waited += time.time() - ready
+            if batch.step != step:
+                raise RuntimeError(f"the loader delivered step {batch.step} where step {step} was due")
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images_b = batch.images.to(dev, non_blocking=True)
-            tokens_b = batch.tokens.to(dev, non_blocking=True)
-            with autocast:
-                image_f, text_f, logit_scale = train_model(images_b, tokens_b)[:3]
-                loss = loss_fn(image_f, text_f, logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise RuntimeError(f"loss is {loss_value} at step {step}; lower the learning rate or use fp32")
+            loss = stepper(batch.images, batch.tokens)
+            if stream_states is not None:
+                stream_states[batch.stream] = batch.state
             seen_here += cfg.batch_size_at(step)
-            rate = seen_here / max(time.time() - t0, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{rate:.0f}")
-            if metrics is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-                metrics.write(json.dumps({
-                    "step": step, "samples_seen": min((step + 1) * cfg.batch_size, cfg.samples_seen),
-                    "loss": loss_value, "lr": lr, "logit_scale": float(model.logit_scale.detach().exp()),
-                    "samples_per_s": rate}) + "\n")
-                metrics.flush()
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                # Reading the loss waits for the device; open_clip does it only when it logs, and so does this.
+                loss_value = dist.mean(loss)
+                if not math.isfinite(loss_value):
+                    raise RuntimeError(f"loss is {loss_value} at step {step}; lower the learning rate or use fp32")
+                elapsed = time.time() - t0
+                rate = seen_here / max(elapsed, 1e-9)
+                bar.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{rate:.0f}")
+                if metrics is not None:
+                    metrics.write(json.dumps({
+                        "step": step, "samples_seen": min((step + 1) * cfg.batch_size, cfg.samples_seen),
+                        "loss": loss_value, "lr": lr, "logit_scale": float(model.logit_scale.detach().exp()),
+                        "samples_per_s": rate, "seconds": elapsed, "data_seconds": waited}) + "\n")
+                    metrics.flush()
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save_state(step + 1)
+            ready = time.time()
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
 
     seconds = time.time() - t0
+    stream_stats = _stream_stats(dist.gather(stream_states)) if stream_states is not None else None
     final = out / FINAL_CHECKPOINT
     summary: dict[str, Any] = {}
     if dist.is_main:
@@ -311,16 +513,38 @@ def _train(pool: Pool, out: Path, cfg: TrainConfig, subset: str | Path | None, i
             "subset_sha256": identity["subset_sha256"], "recipe": cfg.recipe()})
         summary = {
             "identity": identity, "model": cfg.model, "config": cfg.to_json(), "pool": str(pool.path),
-            "subset": str(subset) if subset is not None else None,
-            "steps": cfg.steps, "samples_seen": cfg.samples_seen, "unique_rows": int(len(np.unique(rows))),
-            "final_loss": loss_value, "seconds": seconds, "world_size": env.world_size, "device": str(dev),
+            "subset": str(subset) if subset is not None else None, "data": data.info,
+            "steps": cfg.steps, "samples_seen": cfg.samples_seen, "final_loss": loss_value, "seconds": seconds,
+            "world_size": env.world_size, "device": str(dev),
             "checkpoint": FINAL_CHECKPOINT, "checkpoint_sha256": sha256_file(final)}
+        if "unique_rows" in data.info:
+            summary["unique_rows"] = data.info["unique_rows"]
+        if stream_stats is not None:
+            summary["stream"] = stream_stats
         write_json(out / DONE_FILE, summary)
         log.info("trained %s: final loss %.4f, %s", cfg.model, loss_value, final)
     dist.barrier()
     if not summary:
         summary = read_json(out / DONE_FILE)
     return TrainResult.from_summary(out, summary)
+
+
+def _stream_stats(per_rank: list[dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Counts over every stream of every rank: shards drawn, shards cut short, samples skipped by reason."""
+    total: dict[str, int] = {"shard_draws": 0}
+    for states in per_rank:
+        for state in states.values():
+            total["shard_draws"] += int(state.get("draws", 0))
+            for reason, n in state.get("stats", {}).items():
+                total[reason] = total.get(reason, 0) + int(n)
+    cut = ("truncated_shard_reads", "mismatched_shard_reads")
+    skipped = {k: v for k, v in total.items() if k != "shard_draws" and k not in cut}
+    if skipped:
+        log.warning("streamed samples skipped: %s", ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+    if any(total.get(k) for k in cut):
+        log.warning("shard reads cut short: %d by a truncated tar, %d by a tar that disagrees with its parquet",
+                    total.get(cut[0], 0), total.get(cut[1], 0))
+    return total
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -53,14 +53,17 @@ def scorer_key(pool_id: str, cfg: TrainConfig) -> str:
 
 
 def train_scorer(pool_dir: str | Path, suite_dir: str | Path | None = None, cfg: TrainConfig = SCORER_CONFIG, *,
-                 threads: int | None = None, device: str = "auto") -> dict[str, Any]:
-    """Train (or resume, or find) the scorer for this clean pool; evaluate it on the suite if given."""
+                 threads: int | None = None, device: str = "auto", retrain: bool = False) -> dict[str, Any]:
+    """Train (or resume, or find) the scorer for this clean pool; evaluate it on the suite if given. ``retrain``
+    discards a cached scorer of the same key first."""
     from datafilter.pool import Pool
     from datafilter.train.loop import train
 
     pool = Pool(pool_dir)
     key = scorer_key(pool.pool_id, cfg)
     folder = scorer_root() / key
+    if retrain:
+        shutil.rmtree(folder, ignore_errors=True)
     info_path = folder / SCORER_FILE
     if info_path.exists():
         info = read_json(info_path)

@@ -6,13 +6,15 @@ Pruning"), on image-text pairs as in its DataComp experiments.
    weighted by ``exp(-gamma * d)``: ``g_i = max(s_i, eps) + sum_j exp(-gamma * d_ij) * max(s_j, eps)``, where the
    difficulty ``s`` is the CLIP score plus ``score_offset`` (the authors add 0.115 so that DataComp's scores are
    positive).
-3. Reverse message passing while selecting: repeatedly take the node with the largest ``g``, then lower each of its
-   neighbours' scores by ``exp(-beta * d) * g_picked``, which pushes the next picks away from what is chosen.
+3. Reverse message passing while selecting: take the node with the largest ``g``, then lower each of its
+   neighbours' scores by ``exp(-beta * d) * g_picked``, which pushes the next picks away from what is chosen. The
+   authors' script finds "the largest" with a one-row lookahead over the initial order (``reverse_pass_lookahead``,
+   the default); the exact repeated arg-max (``reverse_pass``) is the ``greedy`` option.
 
 The neighbours of row ``i`` are always row ``i``'s: the graph is built with queries and index in one order. (The
 authors' DataComp script joins per-file results in completion order while neighbour ids follow index order, which
-pairs rows with the wrong neighbours; this implementation does not.) The greedy selection uses a lazy max-heap,
-which gives exactly the repeated-argmax order (ties: lowest row first).
+pairs rows with the wrong neighbours; this implementation does not.) Both selections use lazy max-heaps: the greedy
+one gives exactly the repeated-argmax order (ties: lowest row first), the lookahead one exactly the script's picks.
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ class D2Config:
 
     ``features``: ``image_text`` (concatenated), ``image`` or ``text``. ``k`` neighbours; ``gamma`` forward and
     ``beta`` reverse kernel widths; ``fraction`` of valid samples kept; ``score_column`` ('' = the space's).
+    ``selection``: ``lookahead``, the authors' script's loop (picks exactly its rows), or ``greedy``, the repeated
+    arg-max the paper describes; on the micro pool the two share 72% of their rows.
     kNN: ``knn`` = auto (exhaustive up to ``exact_max`` samples, else ivf), flat or ivf; ivf splits the samples
     into ``nlist`` lists (0 = 4 sqrt(N)) by k-means on a ``pca_dim``-dimensional PCA projection and compares each
     sample with the members of the ``nprobe`` nearest lists, with exact distances; lists over ``balance`` times the
@@ -173,7 +177,7 @@ class D2Config:
     beta: float = 1.0
     score_offset: float = 0.115
     score_column: str = ""
-    selection: Literal["greedy", "lookahead"] = "greedy"
+    selection: Literal["lookahead", "greedy"] = "lookahead"
     knn: Literal["auto", "flat", "ivf"] = "auto"
     exact_max: int = 20000
     pca_dim: int = 64
@@ -190,7 +194,8 @@ class D2Config:
 
 class D2Filter(Filter):
     name = "d2_pruning"
-    version = "3"  # 3: the authors' DataComp recipe (k = 1) by default; 2: kNN lists over twice the mean size halved
+    # 3: the authors' DataComp recipe by default (k = 1, their selection loop); 2: big kNN lists halved
+    version = "3"
     description = "D² pruning: kNN graph, forward and reverse message passing of the CLIP score (image+text or one)"
     Config = D2Config
     needs = ("scores",)

@@ -20,7 +20,8 @@ from typing import Any, Iterator
 import pyarrow.parquet as pq
 
 from datafilter.common.executor import ShardJob
-from datafilter.pool.format import IMAGE_EXTS, CaptionConfig, ShardWriter, check_caption, shard_paths
+from datafilter.pool.format import (IMAGE_EXTS, CaptionConfig, ShardWriter, check_caption, printable_name,
+                                    shard_paths)
 from datafilter.pool.images import ImageConfig, SkipSample
 from datafilter.pool.ingest.readers import read_caption_file
 from datafilter.pool.uid import make_uid
@@ -74,7 +75,7 @@ def ingest_files_shard(job: ShardJob) -> dict[str, Any]:
     w = ShardWriter(s.out_dir, s.index, s.image, s.caption)
     for item in s.items:
         if item["skip"]:
-            w.skip(item["skip"])
+            w.skip(item["skip"], item["path"] or (f"table row {item['row']}" if "row" in item else None))
             continue
         try:
             image = _read_file(s.root / item["path"], s.max_file_bytes)
@@ -87,13 +88,14 @@ def ingest_files_shard(job: ShardJob) -> dict[str, Any]:
                 caption = item["caption"]
             text = check_caption(caption, s.caption)
         except SkipSample as exc:
-            w.skip(exc.reason)
+            w.skip(exc.reason, item["path"], exc.detail)
             continue
         fields = item.get("fields") or {}
         uid = fields.get("uid")  # a table that already has uids (DataComp's metadata) keeps them
         if not (isinstance(uid, str) and _HEX32.fullmatch(uid.lower())):
+            # the name's own bytes are hashed, so a name that is not UTF-8 still gets a stable uid
             uid = make_uid(s.kind, item["path"], text, hashlib.sha256(image).digest())
-        w.add(image, text, uid.lower(), {"source_path": item["path"], **fields})
+        w.add(image, text, uid.lower(), {"source_path": printable_name(item["path"]), **fields})
     return w.close()
 
 
@@ -223,12 +225,18 @@ def _sample_uid(fields: dict[str, Any], text: str, image: bytes, tar_name: str, 
 
 
 def _index_into(w: ShardWriter, s: TarShard, src: Path, rows: dict[str, dict[str, Any]]) -> int:
-    """Validate ``src``'s samples into ``w``; return how many of the tar's samples were dropped."""
+    """Validate ``src``'s samples into ``w``; return how many of the tar's samples were dropped or renamed (either
+    way the tar must be rewritten).
+
+    A member whose key is not valid UTF-8 is kept under its printable name (``caf\\xe9``): pool parquets and the
+    WebDataset readers of every later stage need text keys. Its uid hashes the key's own bytes and the original tar
+    name (not the ``.source.tar`` a resumed in-place rewrite reads), so a resumed index gives the same uids.
+    """
     seen_keys: set[str] = set()
-    seen_uids: set[str] = set()
-    dropped = 0
-    for key, files, bad in read_tar_groups(src, s.max_file_bytes):
-        reason = bad
+    changed = 0
+    for raw_key, files, bad in read_tar_groups(src, s.max_file_bytes):
+        key = printable_name(raw_key)
+        reason, detail = bad, ""
         fields = {**rows.get(key, {}), **_parse_json(files.get("json"))}
         ext = next((e for e in IMAGE_EXTS if e in files), None)
         if reason is None and key in seen_keys:
@@ -243,30 +251,28 @@ def _index_into(w: ShardWriter, s: TarShard, src: Path, rows: dict[str, dict[str
             try:
                 text = check_caption(caption, s.caption)
             except SkipSample as exc:
-                reason = exc.reason
-            else:
-                uid = _sample_uid(fields, text, files[ext], src.name, key)
-                if uid in seen_uids:
-                    reason = "duplicate_uid"
+                reason, detail = exc.reason, exc.detail
         if reason is not None:
-            w.skip(reason)
-            dropped += 1
-        elif w.add(files[ext], text, uid, _clean_fields(fields), ext=ext, key=key) is None:
-            dropped += 1
-        else:
-            seen_uids.add(uid)
+            w.skip(reason, raw_key or src.name, detail)
+            changed += 1
+            continue
+        uid = _sample_uid(fields, text, files[ext], s.source_tar.name, raw_key)
+        if w.add(files[ext], text, uid, _clean_fields(fields), ext=ext, key=key, origin=raw_key) is None or \
+                key != raw_key:
+            changed += 1
     # rows of the producer's parquet with no sample in the tar: failed downloads, or samples the tar lost
     for key, row in rows.items():
         if key in seen_keys:
             continue
         status = row.get("status")
+        origin = row.get("url") or key
         if status in (None, "success"):
-            w.skip("missing_in_tar")
+            w.skip("missing_in_tar", origin)
         elif "url" in row and not row["url"]:
-            w.skip("missing_url")
+            w.skip("missing_url", key)
         else:
-            w.skip(download_reason(status, row.get("error_message")))
-    return dropped
+            w.skip(download_reason(status, row.get("error_message")), origin, row.get("error_message") or "")
+    return changed
 
 
 def index_tar_shard(job: ShardJob) -> dict[str, Any]:
@@ -284,8 +290,8 @@ def index_tar_shard(job: ShardJob) -> dict[str, Any]:
         for r in pq.read_table(s.source_parquet).to_pylist():
             rows.setdefault(str(r.get("key")), r)
     w = ShardWriter(s.out_dir, 0, s.image, s.caption, reprocess=False, name=s.name, keep_tar=src)
-    dropped = _index_into(w, s, src, rows)
-    if dropped:
+    changed = _index_into(w, s, src, rows)
+    if changed:
         if in_place and not backup.exists():
             try:
                 os.link(s.source_tar, backup)
@@ -293,4 +299,4 @@ def index_tar_shard(job: ShardJob) -> dict[str, Any]:
                 shutil.copy2(s.source_tar, backup)
         w = ShardWriter(s.out_dir, 0, s.image, s.caption, reprocess=False, name=s.name)
         _index_into(w, s, src, rows)
-    return w.close({"source_tar": src.name.replace(".source.tar", ".tar"), "rewritten": bool(dropped)})
+    return w.close({"source_tar": s.source_tar.name, "rewritten": bool(changed)})

@@ -96,12 +96,13 @@ def table_format(path: Path, override: str | None) -> str:
 
 
 def read_table_file(path: Path, fmt: str | None, text_col: str | None = None,
-                    string_cols: tuple[str, ...] = ()) -> pa.Table:
+                    string_cols: tuple[str, ...] = (), path_col: str | None = None) -> pa.Table:
     """Load a CSV/TSV/Parquet/JSONL table whole (captions and paths are small next to the images they name).
 
-    A CSV's ``text_col`` is read as bytes, so that one caption that is not UTF-8 is skipped as ``non_utf8_caption``
-    instead of making the whole table unreadable; ``string_cols`` (paths, urls, uids) stay text even when they look
-    like numbers ("0001.jpg" is fine, but "0001" would otherwise become 1).
+    A CSV's ``text_col`` and ``path_col`` are read as bytes, so that one caption or file name that is not UTF-8 is
+    handled per row (the caption skipped as ``non_utf8_caption``, the file found by its own bytes) instead of making
+    the whole table unreadable; ``string_cols`` (urls, uids) stay text even when they look like numbers ("0001.jpg" is
+    fine, but "0001" would otherwise become 1; paths are never numbers either).
     """
     fmt = table_format(path, fmt)
     if not path.is_file():
@@ -111,8 +112,9 @@ def read_table_file(path: Path, fmt: str | None, text_col: str | None = None,
             import pyarrow.csv as pcsv
 
             types = {c: pa.string() for c in (*string_cols, "uid")}
-            if text_col:
-                types[text_col] = pa.binary()
+            for col in (text_col, path_col):
+                if col:
+                    types[col] = pa.binary()
             return pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
                                  convert_options=pcsv.ConvertOptions(strings_can_be_null=True, column_types=types))
         if fmt == "parquet":
@@ -143,9 +145,10 @@ def _source_fields(table: pa.Table, exclude: set[str]) -> list[dict[str, Any]]:
 
 def read_image_table(path: Path, cfg: IngestConfig) -> list[dict[str, Any]]:
     """Rows of a table naming local images (relative to the table's folder) and their captions."""
-    table = read_table_file(path, cfg.table_format, cfg.caption_col, string_cols=(cfg.image_col,))
+    table = read_table_file(path, cfg.table_format, cfg.caption_col, path_col=cfg.image_col)
     require_columns(table, path, {"--image-col": cfg.image_col, "--caption-col": cfg.caption_col})
-    paths = table.column(cfg.image_col).to_pylist()
+    # bytes from a CSV: decoded as the file system decodes names, so a name that is not UTF-8 still opens its file
+    paths = [os.fsdecode(p) if isinstance(p, bytes) else p for p in table.column(cfg.image_col).to_pylist()]
     captions = table.column(cfg.caption_col).to_pylist()
     fields = _source_fields(table, {cfg.image_col, cfg.caption_col})
     seen: set[tuple[str, Any]] = set()

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from datafilter.common.executor import ShardJob, run_shard_jobs
 from datafilter.common.files import atomic_path, read_json, sha256_file, stable_hash, write_json
 from datafilter.common.launch import launch_env
-from datafilter.pool.format import CORE_COLUMNS, shard_name, shard_paths
+from datafilter.pool.format import CORE_COLUMNS, printable_name, shard_name, shard_paths
 from datafilter.pool.ingest.config import IngestConfig, IngestError
 from datafilter.pool.ingest.jobs import FilesShard, TarShard, backup_tar, index_tar_shard, ingest_files_shard
 from datafilter.pool.ingest.readers import read_folder, read_image_table, read_url_table
@@ -98,7 +98,7 @@ def _save_plan(state: JobState, items: list[dict[str, Any]], shard_of: list[str]
         return
     cols: dict[str, list[Any]] = {"shard": shard_of}
     for name in ("path", "caption", "skip"):
-        cols[name] = [None if it.get(name) is None else str(it.get(name)) for it in items]
+        cols[name] = [None if it.get(name) is None else printable_name(str(it.get(name))) for it in items]
     if any("fields" in it for it in items):
         cols["fields"] = [json.dumps(it.get("fields") or {}, default=str) for it in items]
     with atomic_path(path) as tmp:
