@@ -71,7 +71,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-parallel-"))
     os.environ["DATAFILTER_CACHE"] = str(tmp / "cache")  # inherited by the spawned runs: one shared decode cache
     try:
-        pool = str(make_pool(tmp / "pool", args.samples, 5000, 40))
+        pool = str(make_pool(tmp / "pool", args.samples, 5000, 40).path)
         _wall([(pool, str(tmp / "warm"), args.model, 256, 0, 1)], together=False)  # decodes the pool once
         print(f"pool: {args.samples} PNGs; model {args.model}; {args.samples_seen:,} samples seen per run; "
               f"sequential runs with {args.threads} thread(s), side-by-side runs with 1; {free_cores()} free cores; "
