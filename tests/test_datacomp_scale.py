@@ -397,3 +397,14 @@ def test_datacomp_scale_sets_its_kmeans_sample_ratio():
     assert res.extra["kmeans_points"] == int(300 * 0.3)  # DataComp: sample_ratio 0.3 at large
     with pytest.raises(ValueError, match="not both"):
         run("image_based", view, scale="xlarge", kmeans_sample_ratio=0.5)
+
+
+@pytest.mark.parametrize("name", ["image_based", "image_based_clip_score"])
+def test_image_based_settings_are_checked_for_the_intersection_too(name):
+    from datafilter.filters.registry import filter_class
+
+    config = filter_class(name)[0].Config
+    with pytest.raises(ValueError, match=r"kmeans_sample_ratio must be in \(0, 1\]"):
+        config(kmeans_sample_ratio=5.0)
+    with pytest.raises(ValueError, match="clusters and nprobe"):
+        config(nprobe=0)

@@ -116,7 +116,7 @@ def train_centroids(flt: Filter, img: np.ndarray, rows: np.ndarray, cfg: ImageBa
     check_memory(len(train_rows) * dim * 4 * 1.2, f"k-means on {len(train_rows):,} points of width {dim}",
                  "train on a share of them (kmeans_sample_ratio=, kmeans_sample=) or give DataComp's released "
                  f"centroids (centroids={cfg.released_centroids})")
-    gpu = cfg.kmeans_gpu and gpu_count() > 0
+    gpu = cfg.kmeans_gpu and gpu_count() > 0 and dim == img.shape[1]  # k-means in a PCA projection runs on the CPU
     flop = 2.0 * len(train_rows) * k * dim * cfg.niter
     if not gpu and flop > CPU_KMEANS_WARN_FLOP:
         log.warning("%s: k-means of %s points into %s clusters is about %.0f TFLOP, hours on a CPU; DataComp runs "
@@ -216,6 +216,7 @@ class ImageBasedClipConfig(ImageBasedConfig):
     column: str = ""
 
     def __post_init__(self):
+        super().__post_init__()
         check_fraction_or_threshold(self.fraction, self.threshold)
 
 
