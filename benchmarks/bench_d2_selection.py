@@ -26,7 +26,7 @@ import numpy as np
 
 
 def main() -> None:
-    from datafilter.filters.builtin.d2 import D2Config, forward_pass, reverse_pass, reverse_pass_lookahead
+    from datafilter.filters.builtin.d2 import GRAPH_FIELDS, D2Config, forward_pass, reverse_pass, reverse_pass_lookahead
     from datafilter.filters.ops import Rows, knn_graph
     from datafilter.filters.view import FilterView
 
@@ -42,9 +42,8 @@ def main() -> None:
     scores = view.scores(None)
     rows = np.flatnonzero(view.valid & np.isfinite(scores))
     t = time.perf_counter()
-    nbrs, dists, method = knn_graph(Rows([view.image_embeddings(), view.text_embeddings()], rows), c.k,
-                                    method=c.knn, exact_max=c.exact_max, pca_dim=c.pca_dim, nlist=c.nlist,
-                                    nprobe=c.nprobe, balance=c.balance, seed=c.seed)
+    nbrs, dists, method = knn_graph(Rows([view.image_embeddings(), view.text_embeddings()], rows), method=c.knn,
+                                    **{f: getattr(c, f) for f in GRAPH_FIELDS})
     print(f"{len(rows):,} rows, kNN graph ({method}, k={c.k}) in {time.perf_counter() - t:.1f} s")
     s = scores[rows] + c.score_offset
     g = forward_pass(s, nbrs, dists, c.gamma)

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
+from datafilter.common.files import read_yaml
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 
@@ -51,7 +51,7 @@ class PublishedTable:
 
 @lru_cache(maxsize=None)
 def _tables() -> dict[str, PublishedTable]:
-    data = yaml.safe_load(PUBLISHED_FILE.read_text(encoding="utf-8"))
+    data = read_yaml(PUBLISHED_FILE, "published results", PublishedError)
     out = {}
     for name, t in data.items():
         sources = t["sources"]
@@ -60,10 +60,6 @@ def _tables() -> dict[str, PublishedTable]:
                 for key, r in t["rows"].items()}
         out[name] = PublishedTable(name, t["title"], rows)
     return out
-
-
-def table_names() -> list[str]:
-    return list(_tables())
 
 
 def published_table(name: str) -> PublishedTable:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 from datafilter.common.files import read_json
 from datafilter.common.launch import free_cores
+from datafilter.evaluate.suite import results_current
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ def finished_row(job: RunJob, suite_id: str) -> dict[str, Any] | None:
     if not (train_done.exists() and eval_path.exists()):
         return None
     results = read_json(eval_path)
-    if (results.get("checkpoint_id"), results["suite"].get("id")) != (read_json(train_done).get("checkpoint_sha256"),
-                                                                        suite_id):
+    if not results_current(results, read_json(train_done).get("checkpoint_sha256"), suite_id):
         return None
     return _row(job, results)
 
@@ -79,8 +79,7 @@ def train_and_evaluate(job: RunJob, train_only: bool = False) -> tuple[dict[str,
     suite = load_suite(job.suite_dir)
     eval_path = Path(job.run_dir) / "eval.json"
     results = read_json(eval_path) if eval_path.exists() else None
-    if results is None or (results.get("checkpoint_id"), results["suite"].get("id")) != \
-            (result.checkpoint_sha256, suite.suite_id):
+    if not results_current(results, result.checkpoint_sha256, suite.suite_id):
         trained = load_model(ModelSpec(job.train_cfg.model, checkpoint=str(result.checkpoint)), device=pick_device())
         # A one-thread run beside others decodes in its own process: decoding workers would only compete for the
         # cores the other runs use.

@@ -19,7 +19,6 @@ from datafilter.common.files import atomic_path, write_json
 from datafilter.evaluate.suite import GROUPS
 
 COLUMNS = (*GROUPS.values(), "Average")
-GROUP_OF_COLUMN = {label: key for key, label in GROUPS.items()}
 
 
 def _pct(v: float | None) -> float:

@@ -46,7 +46,7 @@ def read_yaml(path: str | os.PathLike, what: str, error: type[Exception] = Value
 
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{what} not found: {path}") from None
     except yaml.YAMLError as exc:

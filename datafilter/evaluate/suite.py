@@ -184,6 +184,13 @@ class Suite:
                 "tasks": len(self.tasks), "expected_tasks": self.expected_tasks or len(self.tasks)}
 
 
+def results_current(results: dict[str, Any] | None, checkpoint_id: str | None, suite_id: str) -> bool:
+    """Whether stored evaluation results are of this checkpoint (its sha256) on this very suite definition, so
+    that they need not be computed again."""
+    return bool(results) and results.get("checkpoint_id") == checkpoint_id and \
+        (results.get("suite") or {}).get("id") == suite_id
+
+
 def _task(t: Any, where: str, base: Path) -> Task:
     from datafilter.evaluate.kinds import get_kind
     from datafilter.evaluate.scorers import get_scorer

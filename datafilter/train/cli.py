@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from datafilter.train.config import AUGMENTS, DATA_PATHS, PRECISIONS
+from datafilter.train.config import AUGMENTS, DATA_PATHS, PRECISION_ALIASES, PRECISIONS
 
 SCORER_HELP = "the offline scorer: a CLIP trained on a clean pool, used for CLIP scores when no OpenAI CLIP is at hand"
 
@@ -27,7 +27,7 @@ def register(commands) -> None:
     p.add_argument("--lr", type=float, help="override the scale's learning rate")
     p.add_argument("--warmup", type=int, help="override the scale's warm-up steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=(*PRECISIONS, "amp_bfloat16"),
+    p.add_argument("--precision", choices=(*PRECISIONS, *PRECISION_ALIASES),
                    help="open_clip's names: amp (fp16 autocast, loss scaling), amp_bf16, bf16 and fp16 (weights in "
                         "that type), fp32; default auto: amp on a GPU, fp32 on CPU")
     p.add_argument("--data", choices=DATA_PATHS,

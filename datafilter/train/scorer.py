@@ -110,14 +110,14 @@ def _not_reused(pool, cfg: TrainConfig) -> list[tuple[str, list[str]]]:
 def evaluate_scorer(folder: str | Path, suite_dir: str | Path, device: str = "auto") -> dict[str, Any]:
     """Evaluate a cached scorer zero-shot on a suite and store the results in its ``scorer.json``."""
     from datafilter.evaluate import evaluate_suite, load_suite
+    from datafilter.evaluate.suite import results_current
     from datafilter.models import load_model, pick_device
 
     folder = Path(folder)
     info = read_json(folder / SCORER_FILE)
     suite = load_suite(suite_dir)
-    done = info.get("zeroshot") or {}
-    if done.get("checkpoint_id") == info["checkpoint_sha256"] and done.get("suite", {}).get("id") == suite.suite_id:
-        return info  # already evaluated on this very suite
+    if results_current(info.get("zeroshot"), info["checkpoint_sha256"], suite.suite_id):
+        return info
     spec = ModelSpec(info["model"], checkpoint=str(folder / info["checkpoint"]))
     model = load_model(spec, device=pick_device(device))
     results = evaluate_suite(model, suite, out=folder / "zeroshot.json", checkpoint=spec.checkpoint)

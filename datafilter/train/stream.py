@@ -345,10 +345,9 @@ class StreamBatches(torch.utils.data.IterableDataset):
             raise RuntimeError(f"{workers} loader workers for {self.streams} streams; they must be equal")
         s = (self.start + worker) % self.streams
         stream = self.stream(s)
-        gid = self.rank * self.streams + s
         for step in range(self.start + worker, self.steps, self.streams):
             decoded, captions, refs = stream.batch(step, self.batch_size_at(step) // self.world_size)
-            aug_seed = int(_rng(self.seed, self.origin, gid, step, 2).integers(1 << 62))
+            aug_seed = int(_rng(*stream.key, step, 2).integers(1 << 62))
             images, captions = self.augment.batch(decoded, captions, aug_seed)
             rows = np.array([self.source.offsets[sh] + p for sh, p in refs], np.int64)
             yield StreamBatch(images, self.tokenizer(captions), rows, step, s, stream.state())

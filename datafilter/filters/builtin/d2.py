@@ -225,9 +225,9 @@ class D2Filter(Filter):
             workdir = view.workdir / f"d2_knn-{key}"
             self.details["knn_workdir"] = str(workdir)
         with self.phase("knn"):
-            nbrs, dists, method = knn_graph(src, c.k, method=method, exact_max=c.exact_max, pca_dim=c.pca_dim,
-                                            nlist=c.nlist, nprobe=c.nprobe, balance=c.balance, seed=c.seed,
-                                            workdir=workdir, copy=workdir is not None)
+            # the graph's settings are exactly the fields its cache key holds
+            nbrs, dists, method = knn_graph(src, method=method, workdir=workdir, copy=workdir is not None,
+                                            **{f: getattr(c, f) for f in GRAPH_FIELDS})
             self.details["knn"] = method
         with self.phase("forward"):
             g = forward_pass(scores[rows] + c.score_offset, nbrs, dists, c.gamma)
