@@ -48,7 +48,8 @@ def main() -> int:
     ap.add_argument("--keep", help="keep the last built pool and suite under this folder")
     args = ap.parse_args()
 
-    from datafilter.micro.sources import cache_root, status
+    from datafilter.common.files import cache_root
+    from datafilter.micro.sources import status
 
     missing = [s.source.name for s in status() if not s.ok]
     if missing:

@@ -237,9 +237,11 @@ def test_evaluate_suite_with_a_known_model_and_resume(tmp_path):
     assert again["tasks"]["colours"]["main"] == pytest.approx(1.0)
 
 
-def test_evaluate_command_creates_the_output_folder(tmp_path, capsys):
+def test_evaluate_command_creates_the_output_folder_and_keeps_tasks_decoded(tmp_path, capsys, monkeypatch):
     from datafilter.cli import main
     from datafilter.models import create_model, save_checkpoint
+
+    monkeypatch.setenv("DATAFILTER_CACHE", str(tmp_path / "cache"))
 
     suite = write_toy_suite(tmp_path / "suite", per_combo=1)
     ckpt = save_checkpoint(create_model("datafilter-nano-vit")[0], "datafilter-nano-vit", tmp_path / "ckpt.pt")
@@ -251,3 +253,8 @@ def test_evaluate_command_creates_the_output_folder(tmp_path, capsys):
     line = json.loads(jsonl.read_text())
     assert line["key"] == "captions" and "main_metric" in line["metrics"]
     assert "Retrieval" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache" / "eval").iterdir())) == 1
+    assert main(["evaluate", "--model", "datafilter-nano-vit", "--checkpoint", str(ckpt), "--suite", str(suite),
+                 "--out", str(tmp_path / "off.json"), "--workers", "0", "--tasks", "things",
+                 "--decoded-cache-gb", "0"]) == 0
+    assert len(list((tmp_path / "cache" / "eval").iterdir())) == 1  # off: nothing kept

@@ -256,7 +256,7 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
             train_cfg = scale_config(cfg.scale, seed=seed, samples_seen=cfg.samples_seen)
             run_dir = paths.run(entry, seed, stable_hash([sha256_file(subset), train_cfg.recipe(), pool_id], 8))
             jobs.append(RunJob(entry.label, seed, subsets[entry.label]["kept"], subset, str(run_dir), train_cfg,
-                               str(pool_dir), str(suite_dir), None, pub))
+                               str(pool_dir), str(suite_dir), None, pub, decoded_cache=str(work / "cache" / "eval")))
     for job in jobs:
         if "train" in redo:  # asked for: this benchmark's finished runs are trained again from scratch
             shutil.rmtree(job.run_dir, ignore_errors=True)

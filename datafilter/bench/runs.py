@@ -38,6 +38,7 @@ class RunJob:
     suite_dir: str
     threads: int | None
     published: dict[str, Any] | None = None
+    decoded_cache: str | None = None  # where the suite's tasks are kept decoded: every run evaluates the same suite
 
 
 def finished_row(job: RunJob, suite_id: str) -> dict[str, Any] | None:
@@ -65,6 +66,7 @@ def train_and_evaluate(job: RunJob, train_only: bool = False) -> tuple[dict[str,
     """Train (or resume) one run, then evaluate it unless its evaluation is current; returns (row, seconds)."""
     import torch
 
+    from datafilter.evaluate.decoded import DecodedCache
     from datafilter.evaluate.suite import load_suite
     from datafilter.evaluate.zeroshot import evaluate_suite
     from datafilter.models import ModelSpec, load_model, pick_device
@@ -83,8 +85,9 @@ def train_and_evaluate(job: RunJob, train_only: bool = False) -> tuple[dict[str,
         trained = load_model(ModelSpec(job.train_cfg.model, checkpoint=str(result.checkpoint)), device=pick_device())
         # A one-thread run beside others decodes in its own process: decoding workers would only compete for the
         # cores the other runs use.
+        cache = DecodedCache(job.decoded_cache) if job.decoded_cache else None
         results = evaluate_suite(trained, suite, out=eval_path, checkpoint=result.checkpoint,
-                                 workers=0 if job.threads == 1 else None, threads=job.threads)
+                                 workers=0 if job.threads == 1 else None, threads=job.threads, cache=cache)
     return _row(job, results), time.time() - t0
 
 

@@ -29,6 +29,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def cache_root() -> Path:
+    """``$DATAFILTER_CACHE`` or ``~/.cache/datafilter``: what every stage keeps between runs (sources, renders,
+    decoded pools and tasks, the scorer), never in the repository."""
+    return Path(os.environ.get("DATAFILTER_CACHE") or Path.home() / ".cache" / "datafilter").expanduser()
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

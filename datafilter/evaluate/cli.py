@@ -35,6 +35,9 @@ def register(commands) -> None:
                    help="auto: DataComp's (fp16 autocast for the towers it runs in mixed precision on a GPU, fp32 "
                         "on CPU); fp32: fp32 everywhere")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--decoded-cache-gb", type=float, default=1.0,
+                   help="keep each task of up to this many GB of decoded images under $DATAFILTER_CACHE/eval, so "
+                        "that the next evaluation of the task skips decoding (default: %(default)s; 0: off)")
     p.set_defaults(func=_evaluate)
 
     s = commands.subcommand(
@@ -62,6 +65,8 @@ def register(commands) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from datafilter.common.files import cache_root
+    from datafilter.evaluate.decoded import DecodedCache
     from datafilter.evaluate.suite import load_suite
     from datafilter.evaluate.zeroshot import datacomp_jsonl, evaluate_suite, format_results
     from datafilter.models import ModelSpec, load_model, pick_device
@@ -76,7 +81,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                        device=pick_device(args.device))
     results = evaluate_suite(model, suite, batch_size=args.batch_size, out=args.out, tasks=args.tasks,
                              checkpoint=args.checkpoint, workers=args.workers, precision=args.precision,
-                             threads=args.threads)
+                             threads=args.threads,
+                             cache=DecodedCache(cache_root() / "eval", int(args.decoded_cache_gb * 1e9)))
     print(format_results(results))
     print(f"\nwrote {args.out}")
     if args.datacomp_jsonl:

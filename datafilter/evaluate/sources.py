@@ -1,6 +1,6 @@
 """Where a task's samples come from: one class per storage format, found through ``FORMATS``.
 
-A source cuts its task into ``parts`` (picklable, so decoding workers can each read their own) and reads a part as
+A source lists its task's data ``files`` (what a cached decoded copy is keyed by), cuts its task into ``parts`` (picklable, so decoding workers can each read their own) and reads a part as
 ``Record``s: the sample's image bytes (several for WinoGAViL) and its other fields, raw. What the fields mean is
 the task kind's business (``datafilter.evaluate.kinds``). Nothing is read whole into memory: tars stream from
 disk, Hugging Face arrow files are memory-mapped and read a block of rows at a time.
@@ -42,10 +42,13 @@ class WdsSource:
     def __init__(self, task):
         self.task = task
 
+    def files(self) -> list[Path]:
+        return webdataset_shards(self.task.split_dir, f"task {self.task.name}")
+
     def check(self) -> None:
         if not self.task.path.is_dir():
             raise SuiteError(f"task folder {self.task.path} not found")
-        for tar in webdataset_shards(self.task.split_dir, f"task {self.task.name}"):
+        for tar in self.files():
             size = tar.stat().st_size
             if size == 0 or size % 512:
                 raise SuiteError(f"{tar}: truncated tar ({size:,} bytes, not a whole number of 512-byte blocks)")
@@ -59,7 +62,7 @@ class WdsSource:
         return f.read_text().strip().lower() if f.is_file() else None
 
     def parts(self, workers: int) -> list[tuple[int, int, int]]:
-        shards = webdataset_shards(self.task.split_dir, f"task {self.task.name}")
+        shards = self.files()
         slots = max(1, workers // len(shards)) if shards else 1
         return [(i, s, slots) for i in range(len(shards)) for s in range(slots)]
 

@@ -5,7 +5,8 @@ Each batch is a dict: ``order`` (sorting batches by it restores the task's sampl
 workers), ``images`` (the decoded images of its records, in order; ``uint8`` NHWC when the model's transform could
 be split, see ``datafilter.embed.decode``), ``counts`` (images per record), ``extras`` (the task kind's fields of each
 record), ``keys``, and ``error`` (a problem with the task's data: the task cannot be scored). Memory is bounded by
-the batches in flight: ``workers x prefetch`` plus the one being scored.
+the batches in flight: ``workers x prefetch`` plus the one being scored. A task evaluated before can come from its
+decoded copy instead (``datafilter.evaluate.decoded``), read in this process.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datafilter.embed.decode import ImageDecoder
+from datafilter.evaluate.decoded import DecodedCache
 from datafilter.pool.images import SkipSample
 
 
@@ -77,12 +79,17 @@ def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_batches(task, kind, decoder: ImageDecoder, batch_size: int, workers: int, pin: bool = False,
-                 prefetch: int = 2) -> Iterable[dict[str, Any]]:
-    """The task's batches: from ``workers`` decoding processes, or read in this process with ``workers=0``."""
+                 prefetch: int = 2, cache: DecodedCache | None = None) -> Iterable[dict[str, Any]]:
+    """The task's batches: from its decoded copy in ``cache`` if it has one, else from ``workers`` decoding processes
+    (or read in this process with ``workers=0``), written to ``cache`` on the way."""
+    block = kind.block(batch_size)
+    cached = cache.batches(task, decoder, block) if cache is not None else None
+    if cached is not None:
+        return cached
     parts = task.source().parts(max(1, workers))
-    stream = TaskStream(task, kind, decoder, kind.block(batch_size), parts)
+    stream = TaskStream(task, kind, decoder, block, parts)
     workers = min(workers, len(parts))
-    if workers == 0:
-        return iter(stream)
-    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin, worker_init_fn=_worker_init,
-                      prefetch_factor=prefetch, collate_fn=_as_is)
+    batches = iter(stream) if workers == 0 else DataLoader(
+        stream, batch_size=None, num_workers=workers, pin_memory=pin, worker_init_fn=_worker_init,
+        prefetch_factor=prefetch, collate_fn=_as_is)
+    return cache.recorded(task, decoder, block, batches) if cache is not None else batches

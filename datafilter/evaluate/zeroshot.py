@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from datafilter import __version__
 from datafilter.common.files import read_json, write_json
+from datafilter.evaluate.decoded import DecodedCache
 from datafilter.evaluate.kinds import Encoder, get_kind
 from datafilter.evaluate.scorers import MetadataError
 from datafilter.evaluate.stream import task_batches
@@ -64,14 +65,16 @@ def coverage(chosen: Sequence[Task], tasks: dict[str, dict[str, Any]], expected:
 
 
 def evaluate_task(model, task: Task, batch_size: int = 256, workers: int = 0, precision: str = "auto",
-                  encoder: Encoder | None = None) -> dict[str, Any]:
+                  encoder: Encoder | None = None, cache: DecodedCache | None = None) -> dict[str, Any]:
     """Metrics of one task for a ``datafilter.models.LoadedModel``-like model (preprocess, encode_images,
-    encode_texts). Raises ``SuiteError``/``MetadataError`` naming what is wrong with the task's data."""
+    encode_texts), its images from ``cache`` when it holds them decoded (and written there otherwise). Raises
+    ``SuiteError``/``MetadataError`` naming what is wrong with the task's data."""
     encoder = encoder or Encoder(model, batch_size, precision)
     kind = get_kind(task.type)
     task.check()
     pin = encoder.device.type == "cuda"
-    batches = _progress(task_batches(task, kind, encoder.decoder(task), batch_size, workers, pin=pin), task)
+    batches = _progress(task_batches(task, kind, encoder.decoder(task), batch_size, workers, pin=pin, cache=cache),
+                        task)
     t0 = time.time()
     result = kind.evaluate(task, encoder, batches)
     metrics = result.pop("metrics")
@@ -101,11 +104,13 @@ def _identity(model, suite: Suite, precision: str) -> dict[str, Any]:
 def evaluate_suite(model, suite: Suite, *, batch_size: int = 256, out: str | Path | None = None,
                    tasks: Sequence[str] | None = None, checkpoint: str | Path | None = None,
                    on_task: Callable[[str, dict[str, Any]], None] | None = None, workers: int | None = None,
-                   precision: str = "auto", threads: int | None = None) -> dict[str, Any]:
+                   precision: str = "auto", threads: int | None = None,
+                   cache: DecodedCache | None = None) -> dict[str, Any]:
     """Evaluate every task (or the named ones) and return the results document; write it to ``out`` if given.
 
     ``workers`` decoding processes (default: half the free cores, at most 8; 0 decodes in this process);
-    ``threads``: the model's intra-op threads on a CPU (default: the free cores the workers leave).
+    ``threads``: the model's intra-op threads on a CPU (default: the free cores the workers leave); ``cache``:
+    where tasks are kept decoded between evaluations (``datafilter.evaluate.decoded``; None: decode every time).
     """
     from datafilter.embed.pipeline import cpu_threads, default_workers
 
@@ -137,7 +142,7 @@ def evaluate_suite(model, suite: Suite, *, batch_size: int = 256, out: str | Pat
         for task in tqdm(chosen, desc=f"evaluate {suite.name}", unit="task"):
             if task.name not in done and task.name not in failed:
                 try:
-                    done[task.name] = evaluate_task(model, task, batch_size, workers, encoder=encoder)
+                    done[task.name] = evaluate_task(model, task, batch_size, workers, encoder=encoder, cache=cache)
                 except TASK_ERRORS as exc:
                     failed[task.name] = f"task {task.name}: {exc}"
                     log.error("%s (the other tasks go on)", failed[task.name])

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from datafilter.common.files import atomic_path, write_json
-from datafilter.micro.sources import cache_root
+from datafilter.common.files import cache_root
 
 log = logging.getLogger(__name__)
 

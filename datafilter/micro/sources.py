@@ -16,14 +16,10 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datafilter.common.files import atomic_path, write_json
+from datafilter.common.files import atomic_path, cache_root, write_json
 
 log = logging.getLogger(__name__)
 
-
-def cache_root() -> Path:
-    """``$DATAFILTER_CACHE`` or ``~/.cache/datafilter``: sources and renders live here, never in the repo."""
-    return Path(os.environ.get("DATAFILTER_CACHE") or Path.home() / ".cache" / "datafilter").expanduser()
 
 
 def npm_dir() -> Path:

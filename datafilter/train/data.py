@@ -17,7 +17,6 @@ as one process. Pools too large for memory, and DataComp's scales, stream from t
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from datafilter.common.executor import ShardJob, run_shard_jobs
-from datafilter.common.files import atomic_path
+from datafilter.common.files import atomic_path, cache_root
 from datafilter.common.launch import LaunchEnv
 from datafilter.pool.images import SkipSample
 from datafilter.pool.pool import Pool, PoolError, iter_shard
@@ -37,10 +36,6 @@ log = logging.getLogger(__name__)
 
 DECODE_VERSION = 1  # bump when decode_image changes, so cached decodes are rebuilt
 
-
-def cache_root() -> Path:
-    """``$DATAFILTER_CACHE`` or ``~/.cache/datafilter``."""
-    return Path(os.environ.get("DATAFILTER_CACHE") or Path.home() / ".cache" / "datafilter").expanduser()
 
 
 # --- which rows ------------------------------------------------------------------------------------------------------

@@ -23,10 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from datafilter.common.files import atomic_path, read_json, sha256_file, stable_hash, write_json
+from datafilter.common.files import atomic_path, cache_root, read_json, sha256_file, stable_hash, write_json
 from datafilter.models import ModelSpec
 from datafilter.train.config import TrainConfig
-from datafilter.train.data import cache_root
 
 log = logging.getLogger(__name__)
 
