@@ -48,6 +48,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 SHARD = 250_000
+# Rows generated at a time: temporaries small enough for the allocator to reuse (fresh memory is slow to touch on
+# virtual machines that hand freed pages back to their host; see datafilter.filters.ops.float32_rows).
+GEN_CHUNK = 8192
 CELLS, CONCEPTS, IMAGENET, IMAGENET_CONCEPTS = 100_000, 1000, 1_281_167, 300
 EN = ["a photo of a {}", "close-up of a {} on a table", "the {} in the garden", "my new {}", "{} for sale",
       "a {} at sunset", "vintage {} illustration", "two {}s in the snow", "a small {} near the window"]
@@ -107,8 +110,8 @@ def make_data(n: int, out: Path, seed: int = 0, imagenet: int = IMAGENET) -> Pat
         m = min(SHARD, n - lo)
         arrays = {k: np.empty((m, 768 if k.startswith("l14") else 512), np.float16)
                   for k in ("b32_img", "b32_txt", "l14_img", "l14_txt")}
-        for s in range(0, m, 50_000):
-            e = min(m, s + 50_000)
+        for s in range(0, m, GEN_CHUNK):
+            e = min(m, s + GEN_CHUNK)
             cells = rng.integers(0, CELLS, e - s)
             img = world.points(rng, cells)
             dup = np.flatnonzero(rng.random(e - s) < 0.02)  # near-duplicates of other rows of the chunk
@@ -124,9 +127,9 @@ def make_data(n: int, out: Path, seed: int = 0, imagenet: int = IMAGENET) -> Pat
         scores = {}
         for model in ("b32", "l14"):  # the score of the stored float16 vectors, rounded to float16: ties
             a, b = arrays[f"{model}_img"], arrays[f"{model}_txt"]
-            scores[model] = np.concatenate([np.einsum("nd,nd->n", a[s:s + 50_000].astype(np.float32),
-                                                      b[s:s + 50_000].astype(np.float32))
-                                            for s in range(0, m, 50_000)]).astype(np.float16).astype(np.float32)
+            scores[model] = np.concatenate([np.einsum("nd,nd->n", a[s:s + GEN_CHUNK].astype(np.float32),
+                                                      b[s:s + GEN_CHUNK].astype(np.float32))
+                                            for s in range(0, m, GEN_CHUNK)]).astype(np.float16).astype(np.float32)
         kind = rng.random(m)
         words = np.array(WORDS)[rng.integers(0, len(WORDS), m)]
         en = np.array(EN)[rng.integers(0, len(EN), m)]
@@ -142,13 +145,16 @@ def make_data(n: int, out: Path, seed: int = 0, imagenet: int = IMAGENET) -> Pat
         print(f"  shard {shard}: {m:,} rows", flush=True)
     cent = np.zeros((CELLS, 768), np.float32)
     for _ in range(6):  # each cell's mean of six points: what k-means would put there
-        for s in range(0, CELLS, 50_000):
-            cent[s:s + 50_000] += world.points(rng, np.arange(s, min(CELLS, s + 50_000)))
+        for s in range(0, CELLS, GEN_CHUNK):
+            cent[s:s + GEN_CHUNK] += world.points(rng, np.arange(s, min(CELLS, s + GEN_CHUNK)))
     torch.save(cent / 6, out / "small_centroids_l14.pt", pickle_protocol=4)
     chosen = rng.choice(CONCEPTS, IMAGENET_CONCEPTS, replace=False)
     pool_cells = np.flatnonzero(np.isin(world.parent, chosen))
     for i, part in enumerate(np.array_split(np.arange(imagenet), 5)):
-        feats = world.points(rng, rng.choice(pool_cells, len(part))).astype(np.float16)
+        cells = rng.choice(pool_cells, len(part))
+        feats = np.empty((len(part), 768), np.float16)
+        for s in range(0, len(part), GEN_CHUNK):
+            feats[s:s + GEN_CHUNK] = world.points(rng, cells[s:s + GEN_CHUNK])
         torch.save({"image_features": torch.from_numpy(feats)}, out / f"in1k_clip_vit_l14_{i}.pt")
     (out / "DONE").write_text("ok\n")
     return meta

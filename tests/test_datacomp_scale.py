@@ -235,16 +235,27 @@ def test_image_based_with_released_centroids_and_imagenet_files_equals_datacomp(
         torch.save({"image_features": torch.from_numpy(part)}, tmp_path / f"in1k_clip_vit_l14_{i}.pt")
     expected = datacomp_image_based_uids(tmp_path / "m", centroids, target)
     assert 0 < len(expected) < 160
-    view = FilterView.from_datacomp(tmp_path / "m")
+    view = FilterView.from_datacomp(tmp_path / "m", workdir=tmp_path / "work")
     params = {"centroids": tmp_path / "small_centroids_l14.pt", "reference": tmp_path / "in1k_clip_vit_l14_*.pt"}
     for assign in ({"assign": "exact"}, {"assign": "ivf", "nlist": 4, "nprobe": 4}):
         res = run("image_based", view, **params, **assign)
         assert np.array_equal(res.uids, expected), assign
+        assert res.extra["reference_targets"].startswith("written to")  # each search its own targets
     assert res.extra["assignment"]["method"] == "ivf" and res.extra["clusters"] == 24
-    both = run("image_based_clip_score", view, **params, fraction=0.3)
+    both = run("image_based_clip_score", view, **params, fraction=0.3, assign="ivf", nlist=4, nprobe=4)
+    assert both.extra["reference_targets"].startswith("read from")  # the same files and search: kept
     clip = datacomp_clip_score_uids(tmp_path / "m", 0.3)
     assert np.array_equal(both.uids, expected[np.isin(expected, clip)])
     assert sum(both.counts.values()) + both.kept == 160
+
+    # other reference features under the same name are a new key, never the kept targets
+    torch.save({"image_features": torch.from_numpy(target[2:] * 0 + target[:1])}, tmp_path / "in1k_clip_vit_l14_1.pt")
+    again = run("image_based", FilterView.from_datacomp(tmp_path / "m", workdir=tmp_path / "work"), **params,
+                assign="exact")
+    assert again.extra["reference_targets"].startswith("written to")
+    fewer = datacomp_image_based_uids(tmp_path / "m", centroids, target[[0, 1, 0]])
+    assert np.array_equal(again.uids, fewer)
+    assert again.extra["target_clusters"] < both.extra["target_clusters"]
 
 
 def test_wrong_centroid_or_reference_width_is_named_before_any_work(tmp_path):

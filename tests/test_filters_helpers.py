@@ -50,3 +50,28 @@ def write_reference(pool_dir: Path, name: str, ref: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, ref.astype(np.float16))
     return path
+
+
+def test_float32_rows_reads_every_chunk_through_one_buffer():
+    from datafilter.embed.store import ShardedArray
+    from datafilter.filters.ops import float32_rows
+
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((n, 5)).astype(np.float16) for n in (7, 0, 11)]
+    arr = ShardedArray([len(p) for p in parts], 5, lambda i: parts[i])
+    rows = np.array([17, 0, 3, 3, 9, 12, 1, 16, 5])
+    whole = np.concatenate(parts).astype(np.float32)[rows]
+    seen, buffers = [], set()
+    for start, block in float32_rows(arr, rows, chunk=4):
+        assert block.dtype == np.float32 and np.array_equal(block, whole[start:start + len(block)])
+        seen.append(len(block))
+        buffers.add(block.base.__array_interface__["data"][0] if block.base is not None else id(block))
+    assert seen == [4, 4, 1] and len(buffers) == 1
+
+
+def test_knn_lists_keep_the_rows_per_list_fixed_from_a_million_rows_on():
+    from datafilter.filters.ops import knn_lists
+
+    assert knn_lists(10_000) == 400 and knn_lists(1_000_000) == 4000  # faiss's 4 sqrt(N)
+    assert knn_lists(4_000_000) == 15_625 and knn_lists(12_800_000) == 50_000  # 256 rows per list
+    assert knn_lists(4_000_000, nlist=123) == 123

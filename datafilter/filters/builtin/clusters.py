@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import numpy as np
@@ -13,7 +14,8 @@ from tqdm.auto import tqdm
 from datafilter.filters.base import Filter
 from datafilter.filters.language import FASTTEXT, fasttext_tokens, language_mask
 from datafilter.filters.builtin.scores import check_fraction_or_threshold, clip_score_mask
-from datafilter.embed.datacomp import load_centroids
+from datafilter.common.files import atomic_path, stable_hash
+from datafilter.embed.datacomp import expand_paths, is_saved_file, load_centroids
 from datafilter.filters.ops import (InnerProductIndex, check_memory, gather_float32, gpu_count, kmeans,
                                     nearest_centroid_pca, pca_kmeans, sample_rows)
 from datafilter.filters.view import FilterView
@@ -176,7 +178,7 @@ def target_cluster_mask(flt: Filter, view: FilterView, cfg: ImageBasedConfig,
                                       seed=cfg.seed)
             centroids = None  # the index holds its own copy
             labels[rows] = index.assign(img, rows, desc="assign")
-            targets = np.unique(index.assign(ref, np.arange(len(ref))))
+            targets = reference_targets(flt, view, cfg, index, ref)
             flt.details["assignment"] = index.describe()
             recall = index.recall(img, rows, labels[rows], cfg.recall_sample, cfg.seed)
             if recall is not None:
@@ -189,6 +191,31 @@ def target_cluster_mask(flt: Filter, view: FilterView, cfg: ImageBasedConfig,
     flt.details.update(clusters=n_clusters, target_clusters=len(targets))
     log.info("%s: %d clusters, %d of them nearest to a reference sample", flt.name, n_clusters, len(targets))
     return in_target
+
+
+def reference_targets(flt: Filter, view: FilterView, cfg: ImageBasedConfig, index: InnerProductIndex,
+                      ref: np.ndarray) -> np.ndarray:
+    """The centroids nearest to some reference embedding.
+
+    With a centroid file and reference files (DataComp's released centroids and 1.28M ImageNet features: a fifth of
+    the assignment work at DataComp small) they depend on neither the pool nor the run. So they are kept in the work
+    directory, keyed by both files (path, size, modification time) and the search's settings, and a later run reads
+    them (``image_based_clip_score`` after ``image_based``, another pool, a rerun)."""
+    if not (cfg.centroids and is_saved_file(cfg.reference)):
+        return np.unique(index.assign(ref, np.arange(len(ref))))
+    files = [Path(cfg.centroids).resolve(), *(p.resolve() for p in expand_paths(cfg.reference))]
+    key = stable_hash({"files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+                       "search": index.describe(), "seed": cfg.seed})
+    path = view.workdir / f"image_based_targets-{key}.npy"
+    if path.is_file():
+        flt.details["reference_targets"] = f"read from {path}"
+        return np.load(path)
+    targets = np.unique(index.assign(ref, np.arange(len(ref)), desc="assign reference"))
+    view.workdir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, targets)
+    flt.details["reference_targets"] = f"written to {path}"
+    return targets
 
 
 class ImageBasedFilter(Filter):

@@ -28,7 +28,7 @@ import numpy as np
 
 from datafilter.common.files import stable_hash
 from datafilter.filters.base import Filter
-from datafilter.filters.ops import Rows, available_memory, knn_graph
+from datafilter.filters.ops import Rows, available_memory, knn_graph, knn_lists
 from datafilter.filters.view import FilterView
 
 EPS = 1e-7
@@ -162,8 +162,8 @@ class D2Config:
     ``selection``: ``lookahead``, the authors' script's loop (picks exactly its rows), or ``greedy``, the repeated
     arg-max the paper describes; on the micro pool the two share 72% of their rows.
     kNN: ``knn`` = auto (exhaustive up to ``exact_max`` samples, else ivf), flat or ivf; ivf splits the samples
-    into ``nlist`` lists (0 = 4 sqrt(N)) by k-means on a ``pca_dim``-dimensional PCA projection and compares each
-    sample with the members of the ``nprobe`` nearest lists, with exact distances; lists over ``balance`` times the
+    into ``nlist`` lists (0: 4 sqrt(N), one per 256 samples from about 1M on) by k-means on a
+    ``pca_dim``-dimensional PCA projection and compares each sample with the members of the ``nprobe`` nearest lists, with exact distances; lists over ``balance`` times the
     mean size are halved along their principal axis (0: never; higher: more recall in dense regions, more time).
     ``on_disk``: keep the kNN graph's working arrays and the graph itself in files under the view's work directory
     (resumable after a kill; a finished graph is reused by a later run with the same inputs and kNN settings, such
@@ -221,7 +221,8 @@ class D2Filter(Filter):
         workdir = None
         if method == "ivf" and (c.on_disk == "always" or (c.on_disk == "auto" and big)):
             key = stable_hash({"pool": view.pool_id, "space": view.space, "rows": hashlib.sha256(rows).hexdigest(),
-                               "features": c.features, **{f: getattr(c, f) for f in GRAPH_FIELDS}})
+                               "features": c.features, "lists": knn_lists(m, c.nlist),
+                               **{f: getattr(c, f) for f in GRAPH_FIELDS}})
             workdir = view.workdir / f"d2_knn-{key}"
             self.details["knn_workdir"] = str(workdir)
         with self.phase("knn"):
