@@ -25,32 +25,26 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE = re.compile(r"bench \S+ · stage \d+/\d+: (.+?) · (\d+):(\d+)(?::(\d+))? elapsed")
+STAGE = re.compile(r"bench \S+ · stage \d+/\d+: (?P<stage>.+?) · (?P<clock>\d+:\d+(?::\d+)?) elapsed")
+ELAPSED = re.compile(r"bench \S+ · .*? · (?P<clock>\d+:\d+(?::\d+)?) elapsed")
 
 
 def _seconds(m: re.Match) -> int:
-    a, b, c = m.group(2), m.group(3), m.group(4)
-    return int(a) * 3600 + int(b) * 60 + int(c) if c is not None else int(a) * 60 + int(b)
-
-
-ELAPSED = re.compile(r"bench \S+ · .*? · (\d+):(\d+)(?::(\d+))? elapsed")
+    """The progress line's clock, M:SS or H:MM:SS, in seconds."""
+    parts = [int(p) for p in m.group("clock").split(":")]
+    return parts[0] * 3600 + parts[1] * 60 + parts[2] if len(parts) == 3 else parts[0] * 60 + parts[1]
 
 
 def stage_times(log: str, total: float) -> dict[str, float]:
     """Seconds of the set-up before the benchmark starts, then from each stage's start to the next one's (the last
     stage to the benchmark's last progress line)."""
-    marks = [(m.group(1), _seconds(m)) for m in STAGE.finditer(log)]
+    marks = [(m.group("stage"), _seconds(m)) for m in STAGE.finditer(log)]
     last = [m for m in ELAPSED.finditer(log)]
-    end = max(_seconds_of(m) for m in last) if last else total
+    end = max(_seconds(m) for m in last) if last else total
     out = {"set-up": total - end}
     for (name, t), nxt in zip(marks, marks[1:] + [("end", end)]):
         out[name] = nxt[1] - t
     return out
-
-
-def _seconds_of(m: re.Match) -> int:
-    a, b, c = m.group(1), m.group(2), m.group(3)
-    return int(a) * 3600 + int(b) * 60 + int(c) if c is not None else int(a) * 60 + int(b)
 
 
 def run(cmd: str, cwd: Path, env: dict, log: Path) -> float:

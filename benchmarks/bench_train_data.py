@@ -25,18 +25,14 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from datafilter.common.launch import LaunchEnv
-from datafilter.models import create_model
 from datafilter.train import read_metrics, scale_config, train
-from datafilter.train.loop import Stepper
 
-from synthetic import make_pool  # benchmarks/ is on sys.path when a benchmark runs as a script
+from synthetic import bare_steps_per_s, make_pool  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 
 def run_steps_per_s(pool: Path, run: Path, cfg, skip: int) -> tuple[float, float]:
@@ -46,21 +42,6 @@ def run_steps_per_s(pool: Path, run: Path, cfg, skip: int) -> tuple[float, float
     m = read_metrics(run)
     seconds = m[-1]["seconds"] - m[skip]["seconds"]
     return (m[-1]["step"] - m[skip]["step"]) / seconds, (m[-1]["data_seconds"] - m[skip]["data_seconds"]) / seconds
-
-
-def bare_steps_per_s(cfg, steps: int) -> float:
-    """The loop's training step alone (``Stepper``: same model, optimiser and loss) on one batch already in memory."""
-    model, *_, tokenizer = create_model(cfg.model, seed=cfg.seed)
-    step = Stepper.build(model, cfg.resolved("cpu", 0), torch.device("cpu"), LaunchEnv())
-    model.train()
-    size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
-    images = torch.randn(cfg.batch_size, 3, size, size)
-    tokens = tokenizer(["a small red circle icon"] * cfg.batch_size)
-    step(images, tokens)  # first-call allocations
-    t = time.perf_counter()
-    for _ in range(steps):
-        step(images, tokens)
-    return steps / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -95,7 +76,7 @@ def main() -> None:
             rates, waits = {}, {}
             for what in order:
                 if what == "bare":
-                    rates[what] = bare_steps_per_s(base, args.steps - args.skip)
+                    rates[what] = bare_steps_per_s(base.resolved("cpu", 0), torch.device("cpu"), args.steps - args.skip)
                 else:
                     rates[what], waits[what] = run_steps_per_s(pool, tmp / f"{what}-{r}",
                                                                streamed if what == "stream" else memory, args.skip)

@@ -34,36 +34,11 @@ from typing import Any
 
 import torch
 
-from datafilter.common.launch import LaunchEnv
-from datafilter.models import create_model, pick_device
+from datafilter.models import pick_device
 from datafilter.train import read_metrics, scale_config, train
-from datafilter.train.loop import Stepper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import make_pool  # noqa: E402
-
-
-def bare_steps_per_s(cfg, device: torch.device, steps: int) -> float:
-    """The loop's training step alone (``Stepper``: same model, optimiser, loss, amp, checkpointing) on one batch
-    already on the device."""
-    model, *_, tokenizer = create_model(cfg.model, seed=cfg.seed)
-    step = Stepper.build(model, cfg, device, LaunchEnv())
-    model.train()
-    size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
-    images = torch.randn(cfg.batch_size, 3, size, size, device=device)
-    tokens = tokenizer(["a photo of a small red circle on a blue background"] * cfg.batch_size).to(device)
-    for _ in range(3):  # allocations, kernel selection
-        step(images, tokens)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for i in range(steps):
-        loss = step(images, tokens)
-        if i % cfg.log_every == 0:  # the loop reads the loss when it logs
-            float(loss.detach())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t)
+from synthetic import bare_steps_per_s, make_pool  # noqa: E402
 
 
 def embed_images_per_s(pool: Path, model: str, checkpoint: Path, batch: int, workers: int, device: str) -> float:

@@ -1,5 +1,6 @@
-"""The synthetic pool the speed benchmarks share: noisy discs on coloured backgrounds with short captions, written
-through the project's own shard writer (PNG up to 64 pixels, JPEG above, as real pools of that size would be)."""
+"""What the speed benchmarks share: the synthetic pool (noisy discs on coloured backgrounds with short captions, written
+through the project's own shard writer, PNG up to 64 pixels, JPEG above, as real pools of that size would be) and
+the bare training step the training benchmarks compare their data paths with."""
 
 from __future__ import annotations
 
@@ -36,3 +37,33 @@ def make_pool(path: Path, samples: int, shard_size: int, side: int, seed: int = 
             w.add(buf.getvalue(), caption, make_uid("bench", str(seed), str(i)))
         w.close()
     return Pool(path)
+
+
+def bare_steps_per_s(cfg, device, steps: int) -> float:
+    """The training loop's step alone (``Stepper``: same model, optimiser, loss, amp, checkpointing) on one batch
+    already on ``device``, for a resolved ``TrainConfig``; the loss is read when the loop would log it."""
+    import time
+
+    import torch
+
+    from datafilter.common.launch import LaunchEnv
+    from datafilter.models import create_model, input_size
+    from datafilter.train.loop import Stepper
+
+    model, *_, tokenizer = create_model(cfg.model, seed=cfg.seed)
+    step = Stepper.build(model, cfg, device, LaunchEnv())
+    model.train()
+    size = input_size(model)
+    images = torch.randn(cfg.batch_size, 3, size, size, device=device)
+    tokens = tokenizer(["a photo of a small red circle on a blue background"] * cfg.batch_size).to(device)
+    for _ in range(3):  # allocations, kernel selection
+        step(images, tokens)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for i in range(steps):
+        loss = step(images, tokens)
+        if i % cfg.log_every == 0:
+            float(loss.detach())
+    sync()
+    return steps / (time.perf_counter() - t)

@@ -35,3 +35,13 @@ def test_a_bad_uid_anywhere_in_a_long_list_is_caught():
     good = [make_uid(str(i)) for i in range(1500)]
     with pytest.raises(ValueError, match="32 hex"):
         hex_to_uids(good + ["1" * 31])
+
+
+def test_count_in_sorted_counts_repeats_and_uids_that_share_a_first_word():
+    from datafilter.pool.uid import count_in_sorted
+
+    uids = sort_uids(np.array([(5, 1), (5, 2), (5, 2), (7, 0), (9, 9), (9, 9), (9, 9)], dtype=UID_DTYPE))
+    queries = np.array([(9, 9), (5, 2), (5, 3), (7, 0), (1, 1), (5, 1)], dtype=UID_DTYPE)
+    assert count_in_sorted(uids, queries).tolist() == [3, 2, 0, 1, 0, 1]
+    assert count_in_sorted(uids, queries, np.ascontiguousarray(uids["f0"])).tolist() == [3, 2, 0, 1, 0, 1]
+    assert count_in_sorted(uids[:0], queries).tolist() == [0] * 6

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,7 @@ from datafilter.common.files import read_json, sha256_file, stable_hash, write_j
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pool", "suite", "scorer", "embed", "filter", "train", "evaluate")
-REDO_STAGES = STAGES
+STAGES = ("pool", "suite", "scorer", "embed", "filter", "train", "evaluate")  # each can be stopped after or redone
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
               parallel: int = 0, stop_after: str | None = None, redo: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run (or resume) every stage of ``cfg``; return a summary with the paths of what it wrote.
 
-    ``redo``: stages to do again although their cached output is current (``REDO_STAGES``): a pool or suite built
+    ``redo``: stages to do again although their cached output is current (``STAGES``): a pool or suite built
     from a recipe is rebuilt, the scorer retrained, the pool embedded again, the filters rerun, this benchmark's
     training runs trained again from scratch (``train``) or only evaluated again (``evaluate``).
 
@@ -163,9 +162,9 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
     from datafilter.micro import sources
 
     check_bench_config(cfg)  # every problem of the config now, not when its stage comes
-    bad = sorted(set(redo) - set(REDO_STAGES))
+    bad = sorted(set(redo) - set(STAGES))
     if bad:
-        raise ValueError(f"cannot redo {', '.join(bad)}; stages: {', '.join(REDO_STAGES)}")
+        raise ValueError(f"cannot redo {', '.join(bad)}; stages: {', '.join(STAGES)}")
     for stage, given in (("pool", cfg.pool), ("suite", cfg.suite), ("scorer", cfg.embed_model)):
         if stage in redo and given:
             raise ValueError(f"--redo {stage}: this config gives its {stage} ({given}), there is nothing to rebuild")
@@ -248,6 +247,7 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
     suite = load_suite(suite_dir)
     pool_id = Pool(pool_dir).pool_id
     table = published_table(cfg.published) if cfg.published else None
+    side_by_side, per_run = plan_parallel(parallel, threads, len(cfg.filters) * len(cfg.seeds))
     jobs = []
     for entry in cfg.filters:
         subset = subsets[entry.label]["path"]
@@ -256,14 +256,13 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
             train_cfg = scale_config(cfg.scale, seed=seed, samples_seen=cfg.samples_seen)
             run_dir = paths.run(entry, seed, stable_hash([sha256_file(subset), train_cfg.recipe(), pool_id], 8))
             jobs.append(RunJob(entry.label, seed, subsets[entry.label]["kept"], subset, str(run_dir), train_cfg,
-                               str(pool_dir), str(suite_dir), None, pub, decoded_cache=str(work / "cache" / "eval")))
+                               str(pool_dir), str(suite_dir), per_run, pub,
+                               decoded_cache=str(work / "cache" / "eval")))
     for job in jobs:
         if "train" in redo:  # asked for: this benchmark's finished runs are trained again from scratch
             shutil.rmtree(job.run_dir, ignore_errors=True)
         elif "evaluate" in redo:
             (Path(job.run_dir) / "eval.json").unlink(missing_ok=True)
-    side_by_side, per_run = plan_parallel(parallel, threads, len(jobs))
-    jobs = [replace(j, threads=per_run) for j in jobs]
     progress.start_runs(len(jobs), side_by_side)
     log.info("%d training runs (%d filters x %d seeds), %d at a time with %s thread(s) each", len(jobs),
              len(cfg.filters), len(cfg.seeds), side_by_side, per_run or "all free")

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datafilter.embed.store import ShardedArray, usable_rows
-from datafilter.pool.uid import UID_DTYPE, uids_from_arrow
+from datafilter.pool.uid import UID_DTYPE, count_in_sorted, uids_from_arrow
 
 log = logging.getLogger(__name__)
 
@@ -440,14 +440,5 @@ class FilterView:
         return self._sorted[0]
 
     def contains(self, uids: np.ndarray) -> np.ndarray:
-        """Bool per uid: is it in the pool. Vectorised on the high word, exact on both words."""
-        pool = self.sorted_uids()
-        hi, lo = pool["f0"], pool["f1"]
-        left = np.searchsorted(hi, uids["f0"], "left")
-        right = np.searchsorted(hi, uids["f0"], "right")
-        found = np.zeros(len(uids), bool)
-        single = right - left == 1
-        found[single] = lo[left[single]] == uids["f1"][single]
-        for i in np.flatnonzero(right - left > 1):  # equal high words: essentially never with random uids
-            found[i] = bool(np.any(lo[left[i]:right[i]] == uids["f1"][i]))
-        return found
+        """Bool per uid: is it in the pool (exact on both words)."""
+        return count_in_sorted(self.sorted_uids(), uids) > 0

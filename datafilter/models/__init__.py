@@ -9,11 +9,12 @@ from datafilter.models.loading import (
     LoadedModel,
     ModelSpec,
     create_model,
+    input_size,
     load_model,
     pick_device,
     read_checkpoint,
     save_checkpoint,
 )
 
-__all__ = ["PROJECT_MODELS", "CheckpointError", "LoadedModel", "ModelSpec", "create_model", "load_model",
+__all__ = ["PROJECT_MODELS", "CheckpointError", "LoadedModel", "ModelSpec", "create_model", "input_size", "load_model",
            "pick_device", "read_checkpoint", "save_checkpoint"]

@@ -124,18 +124,24 @@ def _quiet_random_init() -> Iterator[None]:
         root.removeFilter(flt)
 
 
+def input_size(model: torch.nn.Module) -> int:
+    """The side of the square images an open_clip model's image tower takes (its ``image_size``, an int or a
+    pair)."""
+    size = model.visual.image_size
+    return int(size if isinstance(size, int) else size[0])
+
+
 def _model_dims(model: torch.nn.Module) -> tuple[int, int]:
     """(embedding width, input image size) of an open_clip model."""
-    visual = model.visual
-    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    size = input_size(model)
     proj = getattr(model, "text_projection", None)
     if isinstance(proj, torch.nn.Linear):
         dim = proj.out_features
     elif proj is not None:
         dim = proj.shape[1]
     else:
-        dim = visual.output_dim
-    return int(dim), int(size)
+        dim = model.visual.output_dim
+    return int(dim), size
 
 
 def save_checkpoint(model: torch.nn.Module, name: str, path: str | Path, meta: dict[str, Any] | None = None) -> Path:

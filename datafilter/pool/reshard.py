@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from datafilter.common.files import atomic_path, read_json, sha256_file, write_json
 from datafilter.pool.format import tar_member
 from datafilter.pool.pool import Pool, PoolError
-from datafilter.pool.uid import UID_DTYPE, is_sorted, uids_from_arrow
+from datafilter.pool.uid import UID_DTYPE, count_in_sorted, is_sorted, uids_from_arrow
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class Resharder:
         self.pool = Pool(pool_dir)
         self.subset_path = Path(subset)
         self.subset = load_subset_ids(subset)
+        self._high = np.ascontiguousarray(self.subset["f0"])
         self.out = Path(out)
         self.shard_size, self.max_bytes, self.progress = shard_size, max_bytes, progress
         self.plan = {"pool": str(self.pool.path.resolve()), "pool_id": self.pool.pool_id,
@@ -101,8 +102,7 @@ class Resharder:
             write_json(progress, {"plan": self.plan, "shards": []})
 
     def _counts(self, uids: np.ndarray) -> np.ndarray:
-        return (np.searchsorted(self.subset, uids, "right") - np.searchsorted(self.subset, uids, "left")).astype(
-            np.int64)
+        return count_in_sorted(self.subset, uids, self._high)
 
     def _stream(self, start: tuple[int, int, int]) -> Iterator[tuple[tuple[int, int, int], str, dict, dict]]:
         """``(position, key, files, row)`` for every output sample from ``start`` on; the position is

@@ -98,3 +98,24 @@ def is_sorted(uids: np.ndarray) -> bool:
 def sort_uids(uids: np.ndarray) -> np.ndarray:
     order = np.lexsort((uids["f1"], uids["f0"]))
     return uids[order]
+
+
+def count_in_sorted(uids: np.ndarray, queries: np.ndarray, high: np.ndarray | None = None) -> np.ndarray:
+    """How many times the sorted uid array ``uids`` (repeats adjacent) holds each of ``queries`` (int64).
+
+    Binary search on the 64-bit first words is several times faster than on numpy's structured pairs; the second
+    words then settle the (rare) runs that share a first word, and a uid's repeats. ``high``: ``uids["f0"]`` as a
+    contiguous array, for a caller that searches the same array many times.
+    """
+    high = np.ascontiguousarray(uids["f0"]) if high is None else high
+    order = np.argsort(queries["f0"], kind="stable")  # sorted keys search faster (each starts where the last ended)
+    q_hi, q_lo = queries["f0"][order], queries["f1"][order]
+    lo, hi = np.searchsorted(high, q_hi, "left"), np.searchsorted(high, q_hi, "right")
+    counts = np.zeros(len(queries), np.int64)
+    one = np.flatnonzero(hi - lo == 1)
+    counts[one] = uids["f1"][lo[one]] == q_lo[one]
+    for i in np.flatnonzero(hi - lo > 1):
+        counts[i] = int(np.count_nonzero(uids["f1"][lo[i] : hi[i]] == q_lo[i]))
+    out = np.empty_like(counts)
+    out[order] = counts
+    return out

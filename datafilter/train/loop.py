@@ -241,11 +241,6 @@ class Stepper:
         return loss
 
 
-def _input_size(model: torch.nn.Module) -> int:
-    size = model.visual.image_size
-    return int(size if isinstance(size, int) else size[0])
-
-
 def _streams(cfg: TrainConfig) -> int:
     return max(1, cfg.workers)
 
@@ -282,14 +277,14 @@ def train(pool_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, subset: s
     Resumes from ``out_dir``'s last checkpoint; returns at once when ``out_dir`` already holds the finished run.
     ``fresh_stream`` lets a streamed run resume under another number of ranks or loader workers, with new streams.
     """
-    from datafilter.models import create_model, pick_device
+    from datafilter.models import create_model, input_size, pick_device
 
     out = Path(out_dir)
     env = env or ddp_env()
     pool = Pool(pool_dir)
     dev = pick_device(device, env.local_rank)
     model, train_tf, _, tokenizer = create_model(cfg.model, seed=cfg.seed, device="cpu")  # checks the name too
-    size = _input_size(model)
+    size = input_size(model)
     cfg = cfg.resolved(dev.type, pool.num_samples * size * size * 3)
     identity = {"recipe": cfg.recipe(), "pool_id": pool.pool_id,
                 "subset_sha256": sha256_file(subset) if subset is not None else None}

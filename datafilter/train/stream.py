@@ -40,7 +40,7 @@ from datafilter.common.files import read_json, write_json
 from datafilter.pool.images import SkipSample
 from datafilter.pool.pool import Pool
 from datafilter.pool.tario import TarError, image_of, tar_samples
-from datafilter.pool.uid import UID_DTYPE, is_sorted, uids_from_arrow
+from datafilter.pool.uid import UID_DTYPE, count_in_sorted, is_sorted, uids_from_arrow
 from datafilter.train.data import Batch
 
 log = logging.getLogger(__name__)
@@ -93,25 +93,6 @@ def open_subset(path: str | Path, sha256: str) -> np.ndarray:
     return uids
 
 
-def subset_counts(high: np.ndarray, uids: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """How many times the sorted subset ``uids`` lists each of ``queries`` (``high``: its first words, contiguous).
-
-    Binary search on the 64-bit first words is several times faster than on numpy's structured pairs; the second
-    words then settle the (rare) runs that share a first word, and a uid's repeats.
-    """
-    order = np.argsort(queries["f0"], kind="stable")  # sorted keys search faster (each starts where the last ended)
-    q_hi, q_lo = queries["f0"][order], queries["f1"][order]
-    lo, hi = np.searchsorted(high, q_hi, "left"), np.searchsorted(high, q_hi, "right")
-    counts = np.zeros(len(queries), np.int64)
-    one = np.flatnonzero(hi - lo == 1)
-    counts[one] = uids["f1"][lo[one]] == q_lo[one]
-    for i in np.flatnonzero(hi - lo > 1):
-        counts[i] = int(np.count_nonzero(uids["f1"][lo[i] : hi[i]] == q_lo[i]))
-    out = np.empty_like(counts)
-    out[order] = counts
-    return out
-
-
 def prepare_source(pool: Pool, subset: str | Path | None, subset_sha256: str | None, work: Path) -> StreamSource:
     """The shards and, for a subset, each pool row's repeat count, written once to ``work`` (reused on resume).
 
@@ -141,7 +122,7 @@ def prepare_source(pool: Pool, subset: str | Path | None, subset_sha256: str | N
                 continue
             with pq.ParquetFile(s.parquet) as pf:
                 shard_uids = uids_from_arrow(pf.read(columns=["uid"]).column("uid"))
-            count = subset_counts(high, uids, shard_uids)
+            count = count_in_sorted(uids, shard_uids, high)
             if count.max(initial=0) > MAX_REPEATS:
                 raise ValueError(f"{subset}: a uid is listed {int(count.max()):,} times (at most {MAX_REPEATS:,})")
             repeats[pool.offsets[i] : pool.offsets[i + 1]] = count

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datafilter.models import input_size
 from datafilter.pool.images import open_image, to_rgb
 from datafilter.train.config import AUGMENTS
 
@@ -164,7 +165,6 @@ def make_augment(kind: str, model: torch.nn.Module, train_transform: Callable, c
         return OpenClipAugment(train_transform)
     if kind == "jitter":
         visual = model.visual
-        size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
-        return JitterAugment(size, visual.image_mean, visual.image_std, pad=cfg.jitter_pad, colour=cfg.colour_jitter,
+        return JitterAugment(input_size(model), visual.image_mean, visual.image_std, pad=cfg.jitter_pad, colour=cfg.colour_jitter,
                              templates=cfg.caption_templates, greyscale=cfg.greyscale, low_res=cfg.low_res)
     raise ValueError(f"unknown augmentation {kind!r}; known: {', '.join(AUGMENTS)}")
