@@ -127,7 +127,7 @@ def test_metadata_without_the_group_column_is_a_clear_error():
         get_scorer("fmow")(top, labels, np.zeros((2, 1)), 62)
     with pytest.raises(MetadataError, match="column 'income_ds'"):
         get_scorer("dollar_street")(top, labels, None, 58)
-    with pytest.raises(KeyError, match="did you mean fmow"):
+    with pytest.raises(KeyError, match="did you mean 'fmow'"):
         get_scorer("fmov")
 
 

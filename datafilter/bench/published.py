@@ -9,13 +9,13 @@ of rows, which at DataComp's handful of baselines is small enough that the p-val
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from datafilter.common.hints import did_you_mean
 from datafilter.common.files import read_yaml
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
@@ -42,8 +42,7 @@ class PublishedTable:
 
     def row(self, key: str) -> PublishedRow:
         if key not in self.rows:
-            close = difflib.get_close_matches(key, list(self.rows), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(key, self.rows)
             raise PublishedError(f"published table {self.name!r} has no row {key!r}{hint} "
                                  f"(rows: {', '.join(self.rows)})")
         return self.rows[key]
@@ -65,8 +64,7 @@ def _tables() -> dict[str, PublishedTable]:
 def published_table(name: str) -> PublishedTable:
     tables = _tables()
     if name not in tables:
-        close = difflib.get_close_matches(name, list(tables), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, tables)
         raise PublishedError(f"no published table {name!r}{hint} (known: {', '.join(tables)})")
     return tables[name]
 

@@ -9,10 +9,10 @@ under two seconds. Every problem is reported at once, each with the file and the
 
 from __future__ import annotations
 
-import difflib
 import logging
 from pathlib import Path
 
+from datafilter.common.hints import did_you_mean
 from datafilter.bench.config import BenchConfig, BenchConfigError, format_problems
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,7 @@ def _scale_problems(cfg: BenchConfig) -> list[str]:
     from datafilter.train.config import SCALES, scale_config
 
     if cfg.scale not in SCALES:
-        close = difflib.get_close_matches(cfg.scale, list(SCALES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(cfg.scale, SCALES)
         return [f"scale: unknown scale {cfg.scale!r}{hint} (known: {', '.join(SCALES)})"]
     try:
         scale_config(cfg.scale, samples_seen=cfg.samples_seen)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from datafilter.common.hints import did_you_mean
 from datafilter.evaluate.metrics import accuracy_metrics, group_metric, macro_f1_recall
 
 
@@ -102,9 +103,7 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in (
 
 def get_scorer(name: str) -> Scorer:
     if name not in SCORERS:
-        import difflib
 
-        close = difflib.get_close_matches(name, SCORERS, n=2)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, SCORERS, n=2)
         raise KeyError(f"unknown scorer {name!r} (one of {', '.join(SCORERS)}){hint}")
     return SCORERS[name]

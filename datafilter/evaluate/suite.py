@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datafilter.common.hints import did_you_mean
 from datafilter.common.files import read_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -173,10 +174,8 @@ class Suite:
         for t in self.tasks:
             if t.name == name:
                 return t
-        import difflib
 
-        close = difflib.get_close_matches(name, [t.name for t in self.tasks], n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, [t.name for t in self.tasks], n=3)
         raise KeyError(f"suite {self.name} has no task {name!r}{hint}")
 
     def to_json(self) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import logging
 import time
 import types
@@ -20,6 +19,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from datafilter.common.hints import did_you_mean
 from datafilter.common.files import read_yaml
 from datafilter.filters.view import FilterView
 from datafilter.pool.uid import UID_DTYPE, is_sorted
@@ -178,8 +178,7 @@ def make_config(config_cls: type, params: Mapping[str, Any] | None = None, *, ow
     kwargs = {}
     for key, value in params.items():
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(key, names)
             raise ValueError(f"filter {owner!r} has no parameter {key!r}{hint} "
                              f"(parameters: {', '.join(names) or 'none'})")
         kwargs[key] = _convert(value, hints[key], f"{owner}.{key}")

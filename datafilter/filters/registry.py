@@ -6,10 +6,10 @@ needs one class and one entry-point line. Classes are imported only when a filte
 
 from __future__ import annotations
 
-import difflib
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from datafilter.common.hints import did_you_mean
 from datafilter.filters.base import Filter, FilterError, make_config
 
 GROUP = "datafilter.filters"
@@ -27,8 +27,7 @@ def filter_class(name: str) -> tuple[type[Filter], str]:
     """The class registered under ``name`` and its ``module:Class`` path; "did you mean" for unknown names."""
     eps = available()
     if name not in eps:
-        close = difflib.get_close_matches(name, list(eps), n=3)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, eps, n=3)
         raise FilterError(f"no filter named {name!r}{hint} (see `datafilter filters list`)")
     ep = eps[name]
     try:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from datafilter.common.hints import did_you_mean
 from datafilter import __version__
 from datafilter.common.files import atomic_path, sha256_file
 
@@ -90,10 +91,8 @@ def create_model(name: str, seed: int = 0, pretrained: str | None = None, device
 
     _register_project_configs()
     if name not in open_clip.list_models():
-        import difflib
 
-        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, open_clip.list_models(), n=3)
         raise ValueError(f"unknown model {name!r}{hint}")
     torch.manual_seed(seed)
     # OpenAI's weights were trained with QuickGELU, which open_clip's plain ViT-B-32 / ViT-L-14 configs do not use;
