@@ -5,6 +5,7 @@ in DataComp's exact layout, side by side with DataComp's and d2pruning's own cod
         --datacomp-repo /tmp/datacomp --d2pruning-repo /tmp/d2pruning --repeats 3 --json scale.json
     python benchmarks/bench_scale.py --sizes 200000 --only clip_score image_based d2_pruning    # a quick look
     python benchmarks/bench_scale.py --recall-study             # assignment recall against exhaustive search
+    python benchmarks/bench_scale.py --combine 1m.json 4m.json  # extrapolate from runs made one size at a time
 
 Data (made once per size under --workdir, deleted afterwards unless --keep-data): ``NNNNNNNN.parquet`` (uid, url,
 text, original_width, original_height, clip_b32_similarity_score, clip_l14_similarity_score) + ``NNNNNNNN.npz``
@@ -374,9 +375,16 @@ def main() -> None:
     ap.add_argument("--keep-data", action="store_true", help="keep the synthetic data (default: deleted after)")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--recall-study", action="store_true", help="only the assignment recall study")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="only extrapolate, from the --json files of earlier runs (one size each, when the disk holds "
+                         "one size's data at a time)")
     args = ap.parse_args()
     if args.recall_study:
         recall_study()
+        return
+    if args.combine:
+        combined = {int(n): r for f in args.combine for n, r in json.loads(Path(f).read_text()).items()}
+        extrapolate(combined, args.extrapolate)
         return
     results: dict[int, dict] = {}
     for n in args.sizes:
