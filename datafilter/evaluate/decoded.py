@@ -40,8 +40,8 @@ CACHE_VERSION = 1  # bump when what an entry holds, or how a task's records are 
 def _describe(step: Any) -> str:
     """A transform step as text that changes when its settings do (``repr`` alone omits some, such as open_clip's
     ``MaybeConvertMode``'s mode)."""
-    settings = {k: repr(v) for k, v in sorted(vars(step).items()) if not k.startswith("_")} if hasattr(
-        step, "__dict__") else {}
+    fields = vars(step) if hasattr(step, "__dict__") else {}
+    settings = {k: repr(v) for k, v in sorted(fields.items()) if not k.startswith("_")}
     return f"{type(step).__module__}.{type(step).__qualname__} {step!r} {settings}"
 
 
@@ -78,8 +78,9 @@ class DecodedCache:
             expected = int(np.prod(shape))
             if index.get("version") != CACHE_VERSION or (entry / "images.u8").stat().st_size != expected:
                 raise ValueError("its images file does not match its index")
-            images = np.memmap(entry / "images.u8", np.uint8, "r", shape=shape) if expected else np.empty(shape,
-                                                                                                        np.uint8)
+            # (an empty file cannot be memory-mapped)
+            images = np.memmap(entry / "images.u8", np.uint8, "r", shape=shape) if expected else np.empty(
+                shape, np.uint8)
         except (OSError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
             log.warning("task %s: decoded copy %s unreadable (%s); decoding again", task.name, entry, exc)
             shutil.rmtree(entry, ignore_errors=True)

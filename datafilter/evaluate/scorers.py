@@ -103,7 +103,6 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in (
 
 def get_scorer(name: str) -> Scorer:
     if name not in SCORERS:
-
         hint = did_you_mean(name, SCORERS, n=2)
         raise KeyError(f"unknown scorer {name!r} (one of {', '.join(SCORERS)}){hint}")
     return SCORERS[name]

@@ -1,9 +1,10 @@
 """Where a task's samples come from: one class per storage format, found through ``FORMATS``.
 
-A source lists its task's data ``files`` (what a cached decoded copy is keyed by), cuts its task into ``parts`` (picklable, so decoding workers can each read their own) and reads a part as
-``Record``s: the sample's image bytes (several for WinoGAViL) and its other fields, raw. What the fields mean is
-the task kind's business (``datafilter.evaluate.kinds``). Nothing is read whole into memory: tars stream from
-disk, Hugging Face arrow files are memory-mapped and read a block of rows at a time.
+A source lists its task's data ``files`` (what a decoded copy of the task is keyed by), cuts its task into ``parts``
+(picklable, so decoding workers can each read their own) and reads a part as ``Record``s: the sample's image bytes
+(several for WinoGAViL) and its other fields, raw. What the fields mean is the task kind's business
+(``datafilter.evaluate.kinds``). Nothing is read whole into memory: tars stream from disk, Hugging Face arrow files
+are memory-mapped and read a block of rows at a time.
 """
 
 from __future__ import annotations

@@ -230,8 +230,8 @@ class InnerProductIndex:
         gb = np.searchsorted(gi[pair], np.arange(self.nlist + 1))
         best = np.full(m, -np.inf, np.float32)
         best_id = np.full(m, np.iinfo(np.int64).max, np.int64)
-        # Work items of at most QUERY_BLOCK queries: real queries crowd into a few groups (an ImageNet-like reference
-        # set probes a tenth of them), and one group's whole query list on one thread would leave the others idle.
+        # Work items of at most QUERY_BLOCK queries: each thread's buffers stay small, and the items share out evenly
+        # over the threads however the queries spread over the groups.
         work = [(g, s, min(gb[g + 1], s + QUERY_BLOCK)) for g in range(self.nlist)
                 if self.bounds[g + 1] > self.bounds[g] for s in range(gb[g], gb[g + 1], QUERY_BLOCK)]
         widest = int(np.diff(self.bounds).max())
@@ -661,8 +661,9 @@ KNN_LIST_ROWS = 256
 def knn_lists(m: int, nlist: int = 0) -> int:
     """Lists of a kNN graph over ``m`` rows: ``nlist``, or by default faiss's usual 4 sqrt(m), and from about a
     million rows on (where that reaches lists of 256 rows) one list per 256 rows. With 4 sqrt(m) the rows each
-    row is compared with grow as sqrt(m), so the graph's time as m^1.5; finer lists keep the work per row fixed
-    and, on the scale benchmark's data, cost no recall (at 1M rows 4,000 lists gave a higher recall than 2,000)."""
+    row is compared with grow as sqrt(m), so the graph's time as m^1.5; finer lists keep the work per row fixed.
+    On the scale benchmark's data finer lists raised recall rather than lowering it (at 1M rows, 4,000 lists
+    against 2,000: recall@10 0.80 against 0.69)."""
     return nlist or max(1, int(4 * np.sqrt(m)), m // KNN_LIST_ROWS)
 
 
@@ -678,7 +679,8 @@ def knn_graph(x: np.ndarray | Rows, k: int, *, method: str = "auto", exact_max: 
 
     ``flat``: exhaustive search (``m <= exact_max`` under ``auto``). ``ivf``: ``clustered_knn`` with lists made by
     k-means on a ``pca_dim``-dimensional PCA projection (0: on the full vectors), ``nlist`` lists (0:
-    ``knn_lists``) and ``nprobe`` lists searched per row; lists over ``balance`` times the mean size are halved (0: never).
+    ``knn_lists``) and ``nprobe`` lists searched per row; lists over ``balance`` times the mean size are halved
+    (0: never).
 
     ``workdir`` (ivf): keep the projection, the lists and the graph there as memory-mapped files, so memory stays
     bounded and a killed build resumes where it stopped; ``copy`` also writes the rows there in list order

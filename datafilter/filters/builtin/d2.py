@@ -163,8 +163,9 @@ class D2Config:
     arg-max the paper describes; on the micro pool the two share 72% of their rows.
     kNN: ``knn`` = auto (exhaustive up to ``exact_max`` samples, else ivf), flat or ivf; ivf splits the samples
     into ``nlist`` lists (0: 4 sqrt(N), one per 256 samples from about 1M on) by k-means on a
-    ``pca_dim``-dimensional PCA projection and compares each sample with the members of the ``nprobe`` nearest lists, with exact distances; lists over ``balance`` times the
-    mean size are halved along their principal axis (0: never; higher: more recall in dense regions, more time).
+    ``pca_dim``-dimensional PCA projection and compares each sample with the members of the ``nprobe`` nearest
+    lists, with exact distances; lists over ``balance`` times the mean size are halved along their principal axis
+    (0: never; higher: more recall in dense regions, more time).
     ``on_disk``: keep the kNN graph's working arrays and the graph itself in files under the view's work directory
     (resumable after a kill; a finished graph is reused by a later run with the same inputs and kNN settings, such
     as another ``fraction``), with the rows copied there in list order; ``auto`` does so when the embeddings read
