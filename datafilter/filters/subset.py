@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from datafilter.common.files import atomic_path, read_json, write_json
-from datafilter.pool.uid import UID_DTYPE, is_sorted
+from datafilter.pool.uid import check_uid_array
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -26,11 +26,7 @@ def sidecar_path(path: str | Path) -> Path:
 def save_subset(path: str | Path, uids: np.ndarray, sidecar: dict[str, Any]) -> Path:
     """Write ``uids`` (sorted ``u8,u8``) to ``path`` and ``sidecar`` beside it; returns the sidecar path."""
     path = Path(path)
-    uids = np.asarray(uids)
-    if uids.dtype != UID_DTYPE or uids.ndim != 1:
-        raise ValueError(f"{path}: a subset is a 1-d array of {UID_DTYPE}, got {uids.dtype} {uids.shape}")
-    if not is_sorted(uids):
-        raise ValueError(f"{path}: subset uids must be sorted")
+    uids = check_uid_array(np.asarray(uids), path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.save(buf, uids)
@@ -52,10 +48,7 @@ def load_subset(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         uids = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as exc:
         raise ValueError(f"{path}: not a numpy .npy file ({exc})") from None
-    if uids.dtype != UID_DTYPE or uids.ndim != 1:
-        raise ValueError(f"{path}: expected a 1-d array of {UID_DTYPE}, got {uids.dtype} {uids.shape}")
-    if not is_sorted(uids):
-        raise ValueError(f"{path}: subset uids are not sorted")
+    check_uid_array(uids, path)
     side = sidecar_path(path)
     if not side.exists():
         return uids, {}

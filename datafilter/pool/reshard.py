@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from datafilter.common.files import atomic_path, read_json, sha256_file, write_json
 from datafilter.pool.format import tar_member
 from datafilter.pool.pool import Pool, PoolError
-from datafilter.pool.uid import UID_DTYPE, count_in_sorted, is_sorted, uids_from_arrow
+from datafilter.pool.uid import count_in_sorted, open_uid_file, uids_from_arrow
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +42,7 @@ PROGRESS = "reshard_progress.json"
 
 def load_subset_ids(path: str | Path) -> np.ndarray:
     """A subset as DataComp's resharder reads it: an ``.npy`` of ``u8,u8``, or a raw memmap of them; sorted."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"subset file not found: {path}")
-    with open(path, "rb") as f:
-        is_npy = f.read(6) == b"\x93NUMPY"
-    try:
-        ids = np.load(path, mmap_mode="r") if is_npy else np.memmap(path, UID_DTYPE, mode="r")
-    except ValueError as exc:
-        raise ValueError(f"{path}: not a subset file ({exc})") from None
-    if ids.dtype != UID_DTYPE or ids.ndim != 1:
-        raise ValueError(f"{path}: a subset is a 1-D array of {UID_DTYPE}, got {ids.dtype} {ids.shape}")
-    if not is_sorted(np.asarray(ids)):
-        raise ValueError(f"{path}: subset uids must be sorted (DataComp's resharder binary-searches them)")
-    return np.asarray(ids)
+    return np.asarray(open_uid_file(path, raw=True))
 
 
 @dataclass

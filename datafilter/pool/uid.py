@@ -119,3 +119,36 @@ def count_in_sorted(uids: np.ndarray, queries: np.ndarray, high: np.ndarray | No
     out = np.empty_like(counts)
     out[order] = counts
     return out
+
+
+def check_uid_array(uids: np.ndarray, where: object) -> np.ndarray:
+    """``uids`` if it is a subset's array: 1-d, ``u8,u8``, sorted (repeats adjacent), checked a few million rows at a
+    time so a memory-mapped file is never read whole; else a ``ValueError`` naming ``where``."""
+    if uids.dtype != UID_DTYPE or uids.ndim != 1:
+        raise ValueError(f"{where}: a subset is a 1-d array of {UID_DTYPE}, got {uids.dtype} {uids.shape}")
+    chunk = 1 << 22
+    for lo in range(0, max(0, len(uids) - 1), chunk):
+        if not is_sorted(uids[lo : lo + chunk + 1]):
+            raise ValueError(f"{where}: subset uids are not sorted (readers binary-search them, as DataComp's "
+                             "resharder does)")
+    return uids
+
+
+def open_uid_file(path, raw: bool = False) -> np.ndarray:
+    """A subset file memory-mapped and checked (``check_uid_array``): an ``.npy`` of ``u8,u8`` or, with ``raw``, also
+    a bare memmap of them as DataComp's resharder accepts."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"subset file not found: {path}")
+    with open(path, "rb") as f:
+        is_npy = f.read(6) == b"\x93NUMPY"
+    try:
+        if is_npy or not raw:
+            uids = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            uids = np.memmap(path, UID_DTYPE, mode="r")
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a subset file ({exc})") from None
+    return check_uid_array(uids, path)

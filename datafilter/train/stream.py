@@ -40,7 +40,7 @@ from datafilter.common.files import read_json, write_json
 from datafilter.pool.images import SkipSample
 from datafilter.pool.pool import Pool
 from datafilter.pool.tario import TarError, image_of, tar_samples
-from datafilter.pool.uid import UID_DTYPE, count_in_sorted, is_sorted, uids_from_arrow
+from datafilter.pool.uid import count_in_sorted, open_uid_file, uids_from_arrow
 from datafilter.train.data import Batch
 
 log = logging.getLogger(__name__)
@@ -73,20 +73,9 @@ def open_subset(path: str | Path, sha256: str) -> np.ndarray:
     from datafilter.filters.subset import sidecar_path
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"subset file not found: {path}")
-    try:
-        uids = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise ValueError(f"{path}: not a numpy .npy file ({exc})") from None
-    if uids.dtype != UID_DTYPE or uids.ndim != 1:
-        raise ValueError(f"{path}: expected a 1-d array of {UID_DTYPE}, got {uids.dtype} {uids.shape}")
+    uids = open_uid_file(path)
     if len(uids) == 0:
         raise ValueError(f"{path} is empty: nothing to train on")
-    chunk = 1 << 22
-    for lo in range(0, len(uids) - 1, chunk):
-        if not is_sorted(uids[lo : lo + chunk + 1]):
-            raise ValueError(f"{path}: subset uids are not sorted")
     side = sidecar_path(path)
     if side.exists() and read_json(side).get("sha256") not in (None, sha256):
         raise ValueError(f"{side} describes another version of {path.name} (sha256 differs); rerun the filter")
