@@ -15,8 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from datafilter.common.hints import did_you_mean
 from datafilter.common.files import read_yaml
+from datafilter.common.hints import did_you_mean
 
 PUBLISHED_FILE = Path(__file__).with_name("published.yaml")
 

@@ -64,11 +64,10 @@ class DecodedCache:
                             "size": split.size, "steps": [_describe(s) for s in split.pil_steps],
                             "skip_when_sized": split.skip_when_sized}, 24)
 
-    def batches(self, task, decoder: ImageDecoder, block: int) -> Iterator[dict[str, Any]] | None:
-        """The task's batches from its entry (as ``datafilter.evaluate.stream`` yields them), or None if it has none
-        yet. An unreadable entry is removed, so that this evaluation writes it again."""
-        key = self.key(task, decoder)
-        if key is None or not (self.root / key / "index.pkl").is_file():
+    def batches(self, task, key: str, block: int) -> Iterator[dict[str, Any]] | None:
+        """The task's batches from its entry ``key`` (as ``datafilter.evaluate.stream`` yields them), or None if it
+        has none yet. An unreadable entry is removed, so that this evaluation writes it again."""
+        if not (self.root / key / "index.pkl").is_file():
             return None
         entry = self.root / key
         try:
@@ -88,14 +87,10 @@ class DecodedCache:
         log.info("task %s: reading its decoded images from %s", task.name, entry)
         return _read(index, images, block)
 
-    def recorded(self, task, decoder: ImageDecoder, block: int,
+    def recorded(self, task, key: str, decoder: ImageDecoder, block: int,
                  batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """``batches`` passed through unchanged while they are written to a new entry, which is published only when
-        the consumer has taken them all and none reported an error."""
-        key = self.key(task, decoder)
-        if key is None:
-            yield from batches
-            return
+        """``batches`` passed through unchanged while they are written to a new entry ``key``, which is published
+        only when the consumer has taken them all and none reported an error."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

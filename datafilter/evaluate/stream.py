@@ -83,7 +83,8 @@ def task_batches(task, kind, decoder: ImageDecoder, batch_size: int, workers: in
     """The task's batches: from its decoded copy in ``cache`` if it has one, else from ``workers`` decoding processes
     (or read in this process with ``workers=0``), written to ``cache`` on the way."""
     block = kind.block(batch_size)
-    cached = cache.batches(task, decoder, block) if cache is not None else None
+    key = cache.key(task, decoder) if cache is not None else None
+    cached = cache.batches(task, key, block) if key is not None else None
     if cached is not None:
         return cached
     parts = task.source().parts(max(1, workers))
@@ -92,4 +93,4 @@ def task_batches(task, kind, decoder: ImageDecoder, batch_size: int, workers: in
     batches = iter(stream) if workers == 0 else DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=pin, worker_init_fn=_worker_init,
         prefetch_factor=prefetch, collate_fn=_as_is)
-    return cache.recorded(task, decoder, block, batches) if cache is not None else batches
+    return cache.recorded(task, key, decoder, block, batches) if key is not None else batches

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datafilter.common.hints import did_you_mean
 from datafilter.common.files import read_json, sha256_file
+from datafilter.common.hints import did_you_mean
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from datafilter.common.hints import did_you_mean
 from datafilter.common.files import read_yaml
+from datafilter.common.hints import did_you_mean
 from datafilter.filters.view import FilterView
 from datafilter.pool.uid import UID_DTYPE, is_sorted
 

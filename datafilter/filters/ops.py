@@ -53,25 +53,27 @@ def float32_rows(arr: np.ndarray, rows: np.ndarray, chunk: int = CHUNK, desc: st
 
     Every chunk is written into one buffer, and the block yielded is a view of it, valid until the next chunk (use
     it or copy it). Fresh memory for each chunk would cost more than reading it: on a virtual machine that hands
-    freed memory back to its host, a page costs about 15 ms per MB the first time it is touched (measured on the
-    project's 2-core machine, against 0.1 ms once reused). Rows are gathered ``READ_BLOCK`` at a time for the same
-    reason: the temporaries stay small enough for the allocator to reuse."""
+    freed memory back to its host, a page costs about 16 ms per MB the first time it is touched (measured on the
+    project's 2-core machine, against 0.1 ms once reused)."""
     buf = None
     for start in tqdm(range(0, len(rows), chunk), desc=desc, disable=desc is None or len(rows) <= chunk,
                       unit="chunk"):
         idx = rows[start:start + chunk]
         if buf is None:
             buf = np.empty((len(idx), arr.shape[1]), np.float32)
-        out = buf[:len(idx)]
-        for s in range(0, len(idx), READ_BLOCK):
-            out[s:s + READ_BLOCK] = arr[idx[s:s + READ_BLOCK]]
-        yield start, out
+        yield start, _fill(buf[:len(idx)], arr, idx)
 
 
-def gather_float32(arr: np.ndarray, rows: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
-    out = np.empty((len(rows), arr.shape[1]), np.float32)
-    for start, block in float32_rows(arr, rows, chunk):
-        out[start:start + len(block)] = block
+def gather_float32(arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``arr[rows]`` as one float32 array (a k-means or PCA sample), filled in place."""
+    return _fill(np.empty((len(rows), arr.shape[1]), np.float32), arr, rows)
+
+
+def _fill(out: np.ndarray, arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``out[:] = arr[rows]``, converted on assignment, ``READ_BLOCK`` rows at a time: the temporaries of the gather
+    stay small enough for the allocator to reuse (see ``float32_rows``)."""
+    for s in range(0, len(rows), READ_BLOCK):
+        out[s:s + READ_BLOCK] = arr[rows[s:s + READ_BLOCK]]
     return out
 
 
@@ -177,8 +179,16 @@ class InnerProductIndex:
         self.centres.add(np.ascontiguousarray(centres, np.float32))
         self.nlist, self.nprobe = nlist, max(1, min(nprobe, nlist))
 
-    def _group(self, g: int) -> np.ndarray:
-        return np.asarray(self.grouped[self.bounds[g]:self.bounds[g + 1]], np.float32)
+    def _group(self, g: int, buf: np.ndarray | None = None) -> np.ndarray:
+        """Group ``g``'s vectors as float32 (widening float16 is exact), into ``buf`` when given."""
+        stored = self.grouped[self.bounds[g]:self.bounds[g + 1]]
+        if stored.dtype == np.float32:
+            return stored
+        if buf is None:
+            return stored.astype(np.float32)
+        out = buf[:len(stored)]
+        np.copyto(out, stored)
+        return out
 
     def describe(self) -> dict:
         out = {"method": self.method, "vectors": self.k}
@@ -244,15 +254,11 @@ class InnerProductIndex:
                 local.s = np.empty(QUERY_BLOCK * widest, np.float32)
                 local.g = np.empty((widest, d), np.float32)
             qs = qi[lo:hi]
-            n, members = len(qs), self.bounds[g + 1] - self.bounds[g]
-            xq = np.take(x, qs, axis=0, out=local.x[:n])
-            group = self.grouped[self.bounds[g]:self.bounds[g + 1]]
-            if group.dtype != np.float32:  # widened into the buffer, which is exact
-                group = local.g[:members]
-                np.copyto(group, self.grouped[self.bounds[g]:self.bounds[g + 1]])
-            sims = np.matmul(xq, group.T, out=local.s[: n * members].reshape(n, members))
+            xq = np.take(x, qs, axis=0, out=local.x[:len(qs)])
+            group = self._group(g, local.g)
+            sims = np.matmul(xq, group.T, out=local.s[: len(qs) * len(group)].reshape(len(qs), len(group)))
             a = sims.argmax(axis=1)  # first maximum: the lowest index within the group
-            return qs, sims[np.arange(n), a], self.members[self.bounds[g] + a]
+            return qs, sims[np.arange(len(qs)), a], self.members[self.bounds[g] + a]
 
         with threadpool_limits(1), ThreadPoolExecutor(free_cores()) as pool:
             for qs, v, ids in pool.map(one, work):

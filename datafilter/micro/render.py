@@ -24,8 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from datafilter.common.files import atomic_path, write_json
-from datafilter.common.files import cache_root
+from datafilter.common.files import atomic_path, cache_root, write_json
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ from datafilter.common.files import atomic_path, cache_root, write_json
 log = logging.getLogger(__name__)
 
 
-
 def npm_dir() -> Path:
     return cache_root() / "sources" / "npm"
 

@@ -16,5 +16,5 @@ from datafilter.models.loading import (
     save_checkpoint,
 )
 
-__all__ = ["PROJECT_MODELS", "CheckpointError", "LoadedModel", "ModelSpec", "create_model", "input_size", "load_model",
-           "pick_device", "read_checkpoint", "save_checkpoint"]
+__all__ = ["PROJECT_MODELS", "CheckpointError", "LoadedModel", "ModelSpec", "create_model", "input_size",
+           "load_model", "pick_device", "read_checkpoint", "save_checkpoint"]

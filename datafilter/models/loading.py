@@ -15,9 +15,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from datafilter.common.hints import did_you_mean
 from datafilter import __version__
 from datafilter.common.files import atomic_path, sha256_file
+from datafilter.common.hints import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,6 @@ def create_model(name: str, seed: int = 0, pretrained: str | None = None, device
 
     _register_project_configs()
     if name not in open_clip.list_models():
-
         hint = did_you_mean(name, open_clip.list_models(), n=3)
         raise ValueError(f"unknown model {name!r}{hint}")
     torch.manual_seed(seed)

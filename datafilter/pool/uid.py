@@ -7,6 +7,7 @@ This is DataComp's convention: subset files are sorted arrays of this dtype, and
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -101,7 +102,7 @@ def sort_uids(uids: np.ndarray) -> np.ndarray:
 
 
 def count_in_sorted(uids: np.ndarray, queries: np.ndarray, high: np.ndarray | None = None) -> np.ndarray:
-    """How many times the sorted uid array ``uids`` (repeats adjacent) holds each of ``queries`` (int64).
+    """How many times (int64) the sorted uid array ``uids`` (repeats adjacent) holds each of ``queries``.
 
     Binary search on the 64-bit first words is several times faster than on numpy's structured pairs; the second
     words then settle the (rare) runs that share a first word, and a uid's repeats. ``high``: ``uids["f0"]`` as a
@@ -134,11 +135,9 @@ def check_uid_array(uids: np.ndarray, where: object) -> np.ndarray:
     return uids
 
 
-def open_uid_file(path, raw: bool = False) -> np.ndarray:
+def open_uid_file(path: str | Path, raw: bool = False) -> np.ndarray:
     """A subset file memory-mapped and checked (``check_uid_array``): an ``.npy`` of ``u8,u8`` or, with ``raw``, also
     a bare memmap of them as DataComp's resharder accepts."""
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"subset file not found: {path}")

@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 DECODE_VERSION = 1  # bump when decode_image changes, so cached decodes are rebuilt
 
 
-
 # --- which rows ------------------------------------------------------------------------------------------------------
 def subset_rows(pool: Pool, uids: np.ndarray | None, source: str = "subset") -> tuple[np.ndarray, int]:
     """Pool rows to sample from (every row, or one per subset entry, repeats kept) and how many subset entries the

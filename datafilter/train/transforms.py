@@ -165,6 +165,7 @@ def make_augment(kind: str, model: torch.nn.Module, train_transform: Callable, c
         return OpenClipAugment(train_transform)
     if kind == "jitter":
         visual = model.visual
-        return JitterAugment(input_size(model), visual.image_mean, visual.image_std, pad=cfg.jitter_pad, colour=cfg.colour_jitter,
-                             templates=cfg.caption_templates, greyscale=cfg.greyscale, low_res=cfg.low_res)
+        return JitterAugment(input_size(model), visual.image_mean, visual.image_std, pad=cfg.jitter_pad,
+                             colour=cfg.colour_jitter, templates=cfg.caption_templates, greyscale=cfg.greyscale,
+                             low_res=cfg.low_res)
     raise ValueError(f"unknown augmentation {kind!r}; known: {', '.join(AUGMENTS)}")
