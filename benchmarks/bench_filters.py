@@ -222,15 +222,18 @@ def run_d2pruning(repo: str, dc_dir: str, out: str, fraction: float, k: int) -> 
     uids, feats = d2.load_features(dc_dir, 0.02, 1, "image|text")
     np.save(out_p / "train.npy", feats)
     phases["load_sample"] = time.perf_counter() - t0
+    print(f"load_sample done: {phases['load_sample']:.0f} s", flush=True)  # a stopped run's log says how far it got
     t = time.perf_counter()
     d2.create_faiss_index(str(out_p / "train.npy"), str(out_p / "ivfpq.index"), feats.shape[1])
     d2.add_to_index(dc_dir, str(out_p / "ivfpq.index"), "image|text")
     phases["index"] = time.perf_counter() - t
+    print(f"index done: {phases['index']:.0f} s", flush=True)
     t = time.perf_counter()
     uids, neighbors, graph_scores, clip_scores, distances = d2.initialize_graph(
         dc_dir, str(out_p / "ivfpq_added.index"), str(out_p / "clip_scores.npy"), str(out_p / "offsets.pkl"), 1,
         "image|text", k)
     phases["graph"] = time.perf_counter() - t
+    print(f"graph done: {phases['graph']:.0f} s", flush=True)
     for name, arr in (("g", graph_scores), ("n", neighbors), ("c", clip_scores), ("d", distances)):
         np.save(out_p / f"{name}.npy", arr)
     t = time.perf_counter()

@@ -6,6 +6,8 @@ in DataComp's exact layout, side by side with DataComp's and d2pruning's own cod
     python benchmarks/bench_scale.py --sizes 200000 --only clip_score image_based d2_pruning    # a quick look
     python benchmarks/bench_scale.py --recall-study             # assignment recall against exhaustive search
     python benchmarks/bench_scale.py --combine 1m.json 4m.json  # extrapolate from runs made one size at a time
+    python benchmarks/bench_scale.py --sizes 4000000 --only d2_pruning --d2pruning-repo /tmp/d2pruning \
+        --d2pruning-limit 1640                                  # stop theirs at twice our time: a lower bound
 
 Data (made once per size under --workdir, deleted afterwards unless --keep-data): ``NNNNNNNN.parquet`` (uid, url,
 text, original_width, original_height, clip_b32_similarity_score, clip_l14_similarity_score) + ``NNNNNNNN.npz``
@@ -28,7 +30,11 @@ Reference code (optional local checkouts, imported at run time, never copied): D
 --datacomp-image-rows, its ``load_uids_with_image_filter`` on the first rows' shard, with its CUDA assignment run by
 the same torch code on the CPU, ``download`` pointed at the synthetic assets, ``torch.load`` allowed to unpickle
 them, and the installed prediction-only fastText given ``tokenize`` and batch ``predict`` (stubs, named in the
-output); d2pruning's ``select_d2_datacomp.py`` pipeline (bench_filters.run_d2pruning).
+output); d2pruning's ``select_d2_datacomp.py`` pipeline (bench_filters.run_d2pruning), which logs each of its
+phases as it ends, so a run stopped by --d2pruning-limit shows how far it got.
+
+A size's data can also be the first shards of a larger size's (symbolic links to its files and assets, and a
+``DONE`` file), which spares the disk a second data set.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -191,20 +198,28 @@ def _mem_kb(pids: list[int]) -> tuple[int, int]:
     return anon, rss
 
 
-def measure(cmd: list[str], log: Path | None = None, env: dict | None = None) -> dict:
-    """Wall time and peak memory (RssAnon and RSS, summed over the process tree, sampled every 50 ms)."""
+def measure(cmd: list[str], log: Path | None = None, env: dict | None = None, limit: float = 0) -> dict:
+    """Wall time and peak memory (RssAnon and RSS, summed over the process tree, sampled every 50 ms). ``limit``
+    (seconds, 0: none): stop the process tree there and record ``"stopped_at_s"``; enough to show that a
+    reference implementation is slower than ours without waiting for it."""
     t0 = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
+                            start_new_session=True)
     peak_anon = peak_rss = 0
+    stopped = False
     while proc.poll() is None:
         anon, rss = _mem_kb(_tree(proc.pid))
         peak_anon, peak_rss = max(peak_anon, anon), max(peak_rss, rss)
+        if limit and time.perf_counter() - t0 > limit and not stopped:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stopped = True
         time.sleep(0.05)
     if log:
         out.close()
-    return {"s": round(time.perf_counter() - t0, 2), "anon_mb": round(peak_anon / 1024), "rss_mb": round(peak_rss / 1024),
-            "rc": proc.returncode}
+    r = {"s": round(time.perf_counter() - t0, 2), "anon_mb": round(peak_anon / 1024),
+         "rss_mb": round(peak_rss / 1024), "rc": proc.returncode}
+    return r | ({"stopped_at_s": limit} if stopped else {})
 
 
 def datafilter_cmd(name: str, meta: Path, out: Path, params: dict, workdir: Path) -> list[str]:
@@ -370,6 +385,9 @@ def main() -> None:
     ap.add_argument("--datacomp-image-rows", action="store_true",
                     help="also run DataComp's image-based code (CPU, stubs) on the first shard and compare uids")
     ap.add_argument("--d2pruning-repo", help="a local d2pruning checkout: its DataComp D² pipeline on the same files")
+    ap.add_argument("--d2pruning-limit", type=float, default=0,
+                    help="stop d2pruning's run after this many seconds (0: let it finish); a run stopped there shows "
+                         "it takes longer than that")
     ap.add_argument("--knn-recall", action="store_true", help="also measure D²'s kNN recall@10 (k=10 graph)")
     ap.add_argument("--extrapolate", type=int, default=12_800_000)
     ap.add_argument("--keep-data", action="store_true", help="keep the synthetic data (default: deleted after)")
@@ -458,9 +476,17 @@ def main() -> None:
                 for rep in range(args.repeats):
                     theirs.append(measure([sys.executable, __file__, "_child", "d2pruning", args.d2pruning_repo,
                                            str(meta), str(root / "d2pruning_out"), "0.3", "1"],
-                                          log=root / "d2pruning.log") | {"log": str(root / "d2pruning.log")})
+                                          log=root / "d2pruning.log", limit=args.d2pruning_limit)
+                                  | {"log": str(root / "d2pruning.log")})
                 res["d2pruning"] = theirs
-                report("  d2pruning select_d2_datacomp (k=1)", theirs)
+                shutil.rmtree(root / "d2pruning_out", ignore_errors=True)  # its index and arrays: GBs at 4M rows
+                if theirs[0].get("stopped_at_s"):
+                    print(f"  d2pruning select_d2_datacomp (k=1): not finished after {theirs[0]['s']:.0f} s, "
+                          f"stopped; peak RssAnon {theirs[0]['anon_mb']} MB; phases done: "
+                          f"{(root / 'd2pruning.log').read_text().count(' done: ')} (in {root / 'd2pruning.log'})",
+                          flush=True)
+                else:
+                    report("  d2pruning select_d2_datacomp (k=1)", theirs)
                 if not theirs[0]["rc"] and not reps[0].get("rc"):
                     print(f"  ratio d2pruning / ours: {median(theirs, 's') / median(reps, 's'):.2f}x", flush=True)
             if label == "d2_pruning" and args.knn_recall:
@@ -478,7 +504,8 @@ def main() -> None:
 
 def extrapolate(results: dict[int, dict], target: int) -> None:
     (n1, r1), (n2, r2) = sorted(results.items())[-2:]
-    print(f"\n== extrapolated to {target:,} rows from {n1:,} and {n2:,} (time ~ N^b, memory linear)")
+    print(f"\n== extrapolated to {target:,} rows from {n1:,} and {n2:,} (time ~ N^b, memory linear; \"linear\": "
+          f"the larger size's time scaled by rows, right where the work per row is fixed)")
     for label in r2:
         a, b = r1.get(label), r2.get(label)
         if not a or not b or any(x.get("rc") for x in a + b):
@@ -487,7 +514,8 @@ def extrapolate(results: dict[int, dict], target: int) -> None:
         exp = math.log(t2 / t1) / math.log(n2 / n1) if t1 > 0 and t2 > 0 else 1.0
         m1, m2 = median(a, "anon_mb"), median(b, "anon_mb")
         mem = m2 + (m2 - m1) * (target - n2) / (n2 - n1)
-        print(f"{label:<34} {t2 * (target / n2) ** exp:>9.0f} s (b = {exp:.2f})  anon {mem:>7.0f} MB")
+        print(f"{label:<34} {t2 * (target / n2) ** exp:>9.0f} s (b = {exp:.2f}; linear {t2 * target / n2:.0f} s)  "
+              f"anon {mem:>7.0f} MB")
 
 
 def recall_study(queries: int = 5000, seed: int = 0) -> None:

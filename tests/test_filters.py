@@ -360,6 +360,37 @@ def test_ivf_knn_with_halved_lists_is_exact_when_every_list_is_probed(monkeypatc
     assert np.allclose(dist, np.sort(d, 1)[:, :4], atol=1e-5)
 
 
+def test_two_level_lists_cover_every_row_once_and_keep_the_graph(monkeypatch):
+    """Lists made in two levels (coarse cells, then k-means inside each): about ``nlist`` lists, no list crossing
+    a coarse cell, and a graph as good as with lists from one k-means."""
+    import functools
+
+    import datafilter.filters.ops as ops
+
+    rng = np.random.default_rng(25)
+    c = rng.integers(0, 80, 6000)
+    x = unit(rng.normal(size=(80, 16))[c] + 0.15 * rng.normal(size=(6000, 16))).astype(np.float32)
+    lists = ops.kmeans_lists(x, 100, niter=10, seed=0, flat_max=0)
+    assert lists.shape == (6000,) and lists.min() == 0 and 80 <= lists.max() + 1 <= 120
+    coarse = ops._nearest_l2(ops.kmeans(x[ops.sample_rows(np.arange(6000), 3200, 0)], 10, niter=10, seed=0), x)
+    assert all(len(set(coarse[lists == li])) == 1 for li in np.unique(lists))  # fine lists split coarse cells
+    assert np.array_equal(ops.kmeans_lists(x, 100, niter=10, seed=0, flat_max=0), lists)  # deterministic
+    flat = ops.kmeans_lists(x, 100, niter=10, seed=0)
+    assert flat.max() + 1 == 100 and not np.array_equal(flat, lists)
+
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    d[np.arange(6000), np.arange(6000)] = np.inf
+    brute = np.argsort(d, axis=1)[:, :5]
+    real = ops.kmeans_lists
+    recall = {}
+    for name, flat_max in [("flat", ops.FLAT_LISTS), ("two_level", 0)]:
+        monkeypatch.setattr(ops, "kmeans_lists", functools.partial(real, flat_max=flat_max))
+        ids, dist, _ = knn_graph(x, 5, method="ivf", pca_dim=0, nlist=100, nprobe=6)
+        recall[name] = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids, brute)])
+        assert np.allclose(dist, np.take_along_axis(d, ids, 1), atol=1e-4)  # distances stay exact
+    assert recall["two_level"] > 0.9 and recall["two_level"] > recall["flat"] - 0.05
+
+
 def test_ivf_knn_pads_rows_with_too_few_candidates(monkeypatch):
     """A list of 4 rows probed alone: each of its rows gets the 3 others, then -1 / inf, never itself."""
     import datafilter.filters.ops as ops

@@ -28,7 +28,7 @@ import numpy as np
 
 from datafilter.common.files import stable_hash
 from datafilter.filters.base import Filter
-from datafilter.filters.ops import Rows, available_memory, knn_graph, knn_lists
+from datafilter.filters.ops import FLAT_LISTS, Rows, available_memory, knn_graph, knn_lists
 from datafilter.filters.view import FilterView
 
 EPS = 1e-7
@@ -221,9 +221,11 @@ class D2Filter(Filter):
         method = c.knn if c.knn != "auto" else ("flat" if m <= c.exact_max else "ivf")
         workdir = None
         if method == "ivf" and (c.on_disk == "always" or (c.on_disk == "auto" and big)):
+            lists = {"lists": knn_lists(m, c.nlist)}
+            if lists["lists"] > FLAT_LISTS:  # lists made in two levels; graphs of one level keep their earlier keys
+                lists["two_level"] = True
             key = stable_hash({"pool": view.pool_id, "space": view.space, "rows": hashlib.sha256(rows).hexdigest(),
-                               "features": c.features, "lists": knn_lists(m, c.nlist),
-                               **{f: getattr(c, f) for f in GRAPH_FIELDS}})
+                               "features": c.features, **lists, **{f: getattr(c, f) for f in GRAPH_FIELDS}})
             workdir = view.workdir / f"d2_knn-{key}"
             self.details["knn_workdir"] = str(workdir)
         with self.phase("knn"):
