@@ -204,15 +204,18 @@ def measure(cmd: list[str], log: Path | None = None, env: dict | None = None, li
     reference implementation is slower than ours without waiting for it."""
     t0 = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})})
     peak_anon = peak_rss = 0
     stopped = False
     while proc.poll() is None:
         anon, rss = _mem_kb(_tree(proc.pid))
         peak_anon, peak_rss = max(peak_anon, anon), max(peak_rss, rss)
         if limit and time.perf_counter() - t0 > limit and not stopped:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in _tree(proc.pid):  # its worker processes too (same session: Ctrl-C still reaches them)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             stopped = True
         time.sleep(0.05)
     if log:
@@ -505,7 +508,8 @@ def main() -> None:
 def extrapolate(results: dict[int, dict], target: int) -> None:
     (n1, r1), (n2, r2) = sorted(results.items())[-2:]
     print(f"\n== extrapolated to {target:,} rows from {n1:,} and {n2:,} (time ~ N^b, memory linear; \"linear\": "
-          f"the larger size's time scaled by rows, right where the work per row is fixed)")
+          f"the larger size's time scaled by rows, right where the work per row is fixed; \"fixed + per row\": the "
+          f"line through both sizes, right where a fixed cost such as a reference index comes on top)")
     for label in r2:
         a, b = r1.get(label), r2.get(label)
         if not a or not b or any(x.get("rc") for x in a + b):
@@ -514,8 +518,9 @@ def extrapolate(results: dict[int, dict], target: int) -> None:
         exp = math.log(t2 / t1) / math.log(n2 / n1) if t1 > 0 and t2 > 0 else 1.0
         m1, m2 = median(a, "anon_mb"), median(b, "anon_mb")
         mem = m2 + (m2 - m1) * (target - n2) / (n2 - n1)
-        print(f"{label:<34} {t2 * (target / n2) ** exp:>9.0f} s (b = {exp:.2f}; linear {t2 * target / n2:.0f} s)  "
-              f"anon {mem:>7.0f} MB")
+        per_row = (t2 - t1) / (n2 - n1)
+        print(f"{label:<34} {t2 * (target / n2) ** exp:>9.0f} s (b = {exp:.2f}; linear {t2 * target / n2:.0f} s; "
+              f"fixed + per row {t2 + per_row * (target - n2):.0f} s)  anon {mem:>7.0f} MB")
 
 
 def recall_study(queries: int = 5000, seed: int = 0) -> None:
