@@ -303,17 +303,12 @@ def pca_kmeans(arr: np.ndarray, train_rows: np.ndarray, k: int, *, dim: int, nit
     ``d / dim``); the full-dimensional centroid of a cluster is the mean of its training points, so the assignment
     rule downstream stays DataComp's (largest inner product with a full-dimensional centroid). The training rows
     are read in chunks twice rather than held as float32. Returns ``(full centroids [k, d], the PCA)``."""
-    faiss = faiss_threads()
     pca = PCA(gather_float32(arr, sample_rows(train_rows, 20_000, seed)), dim)
     xr = np.empty((len(train_rows), dim), np.float32)
     for start, block in float32_rows(arr, train_rows):
         xr[start:start + len(block)] = pca.apply(block)
     reduced = kmeans(xr, k, niter=niter, seed=seed)
-    index = faiss.IndexFlatL2(reduced.shape[1])
-    index.add(reduced)
-    labels = np.empty(len(xr), np.int64)
-    for start in range(0, len(xr), CHUNK):
-        labels[start:start + CHUNK] = index.search(xr[start:start + CHUNK], 1)[1][:, 0]
+    labels = _nearest_l2(reduced, xr, CHUNK)
     del xr
     sums = np.zeros((len(reduced), arr.shape[1]), np.float64)
     for start, block in float32_rows(arr, train_rows):
@@ -404,23 +399,27 @@ def _nearest_l2(centroids: np.ndarray, x: np.ndarray, chunk: int = 65536) -> np.
     return out
 
 
+def _kmeans_cells(x: np.ndarray, k: int, sample: int, *, niter: int, seed: int) -> np.ndarray:
+    """The cell of every row of ``x`` among ``k`` k-means cells trained on ``sample`` of its rows."""
+    return _nearest_l2(kmeans(x[sample_rows(np.arange(len(x)), sample, seed)], k, niter=niter, seed=seed), x)
+
+
 def kmeans_lists(part: np.ndarray, nlist: int, *, niter: int, seed: int, flat_max: int = FLAT_LISTS
                  ) -> np.ndarray:
     """The list of every row of ``part``: about ``nlist`` k-means cells, trained on 32 rows per list.
 
     Up to ``flat_max`` lists, one k-means over all of them, and every row is assigned to the nearest of ``nlist``
     centroids. Both steps cost rows × lists, so with a fixed list size (``knn_lists``) they grow as rows²: at 4M
-    rows and 15,625 lists they took 294 s of the graph's 781 (in two levels: 16 s). Above ``flat_max`` the lists are made in two levels,
-    as faiss does for large indexes: about sqrt(nlist) coarse cells over all rows, then each coarse cell split by
-    its own k-means into lists in proportion to its rows. A row then meets about 2 sqrt(nlist) centroids instead of
-    ``nlist``. The cells only decide which rows are compared; every distance in the graph stays exact."""
+    rows and 15,625 lists they took 294 s of the graph's 781 (in two levels: 16 s). Above ``flat_max`` the lists
+    are made in two levels, as faiss does for large indexes: about sqrt(nlist) coarse cells over all rows, then
+    each coarse cell split by its own k-means into lists in proportion to its rows. A row then meets about
+    2 sqrt(nlist) centroids instead of ``nlist``. The cells only decide which rows are compared; every distance in
+    the graph stays exact."""
     m = len(part)
     if nlist <= flat_max:
-        return _nearest_l2(kmeans(part[sample_rows(np.arange(m), min(m, nlist * 32), seed)], nlist, niter=niter,
-                                  seed=seed), part)
+        return _kmeans_cells(part, nlist, nlist * 32, niter=niter, seed=seed)
     n_coarse = int(np.ceil(np.sqrt(nlist)))
-    coarse = _nearest_l2(kmeans(part[sample_rows(np.arange(m), min(m, nlist * 32), seed)], n_coarse,
-                                niter=niter, seed=seed), part)
+    coarse = _kmeans_cells(part, n_coarse, nlist * 32, niter=niter, seed=seed)
     order = np.argsort(coarse, kind="stable")
     bounds = np.searchsorted(coarse[order], np.arange(n_coarse + 1))
     lists = np.empty(m, np.int64)
@@ -430,10 +429,8 @@ def kmeans_lists(part: np.ndarray, nlist: int, *, niter: int, seed: int, flat_ma
         if not len(rows):
             continue
         fine = max(1, min(len(rows), round(nlist * len(rows) / m)))
-        x = np.asarray(part[rows], np.float32)
-        cell = _nearest_l2(kmeans(x[sample_rows(np.arange(len(rows)), fine * 32, seed + 1 + c)], fine,
-                                  niter=niter, seed=seed + 1 + c), x) if fine > 1 else np.zeros(len(rows), np.int64)
-        lists[rows] = first + cell
+        lists[rows] = first + (_kmeans_cells(np.asarray(part[rows], np.float32), fine, fine * 32, niter=niter,
+                                             seed=seed + 1 + c) if fine > 1 else 0)
         first += fine
     return lists
 
