@@ -2,9 +2,10 @@
 
 For each repeat: clone the repository (the committed HEAD) into a new folder, run ``bash run.sh`` there with an
 empty ``DATAFILTER_CACHE`` (so the render cache, the scorer and the decoded pools are made anew; the npm sources
-are installed into that cache too, the Debian packages stay as the machine has them), then run ``bash run.sh``
-again in the same clone. Prints the wall time of both, the time of each benchmark stage (from the progress lines)
-and, over the repeats, their medians.
+are installed into that cache too, the Debian packages stay as the machine has them) and an empty pip cache (so
+the PyPI packages are fetched as on a new machine), then run ``bash run.sh`` again in the same clone ``--reruns``
+times. Prints the wall time of each, the time of each benchmark stage (from the progress lines) and, over the
+repeats, their medians.
 
     python benchmarks/bench_run_sh.py                     # one repeat, the default config
     python benchmarks/bench_run_sh.py --repeats 3 --keep  # keep the clones (for a look at their work/ folders)
@@ -61,6 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--args", default="", help="extra arguments for run.sh (they go to datafilter bench)")
+    ap.add_argument("--reruns", type=int, default=3, help="cached reruns after each fresh run (default 3)")
     ap.add_argument("--keep", action="store_true", help="keep the clones")
     args = ap.parse_args()
 
@@ -69,21 +71,25 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="bench-run-sh-"))
         clone = tmp / "datafilter"
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
-        env = dict(os.environ, DATAFILTER_CACHE=str(tmp / "cache"))
+        env = dict(os.environ, DATAFILTER_CACHE=str(tmp / "cache"), PIP_CACHE_DIR=str(tmp / "pip-cache"))
         env.pop("VIRTUAL_ENV", None)
         cmd = "bash run.sh " + " ".join(shlex.quote(a) for a in shlex.split(args.args))
         print(f"repeat {r}: {clone} (load average {os.getloadavg()[0]:.1f})", flush=True)
         first = run(cmd, clone, env, tmp / "first.log")
         stages = stage_times((tmp / "first.log").read_text(errors="replace"), first)
-        again = run(cmd, clone, env, tmp / "again.log")
+        again = [run(cmd, clone, env, tmp / f"again-{i}.log") for i in range(args.reruns)]
         results.append((first, again, stages))
-        print(f"  fresh clone: {first / 60:.1f} min; rerun with everything cached: {again:.0f} s", flush=True)
+        print(f"  fresh clone: {first / 60:.1f} min; reruns with everything cached: "
+              f"{', '.join(f'{a:.0f} s' for a in again)}", flush=True)
         print("  stages: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stages.items()), flush=True)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     med = statistics.median
-    print(f"median over {len(results)}: fresh clone {med(r[0] for r in results) / 60:.1f} min, cached rerun "
-          f"{med(r[1] for r in results):.0f} s")
+    print(f"median over {len(results)} fresh clone(s): {med(r[0] for r in results) / 60:.1f} min; over "
+          f"{sum(len(r[1]) for r in results)} cached reruns: {med(a for r in results for a in r[1]):.0f} s")
+    order = list(results[0][2])
+    print("median per stage: " + ", ".join(f"{k} {med(r[2].get(k, 0) for r in results) / 60:.1f} min"
+                                           for k in order))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ echo "datafilter: setting up $venv (first run only)" >&2
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
     || { echo "datafilter needs Python >= 3.10 (found: $("$python" --version))" >&2; exit 1; }
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-# torchvision must match torch; pinning both keeps pip on the release pair that imports together.
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+# torchvision must match torch; pinning both keeps pip on the release pair that imports together. --no-compile:
+# Python compiles what is imported when it is first imported, instead of pip compiling all of torch's CUDA build.
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile \
     "torch==2.14.1" "torchvision==0.29.1" -e ".[dev]" 2> >(grep -v "WARNING: Location" >&2)
 echo "$want" > "$stamp"
 install_sources

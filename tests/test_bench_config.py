@@ -70,6 +70,9 @@ def test_the_shipped_configs_pass():
      "embed_checkpoint: checkpoint not found: /nonexistent.pt"),
     ({"scorer_recipe": None, "embed_model": "ViT-B-32", "scorer_samples_seen": 100},
      "scorer_samples_seen: only used with scorer_recipe"),
+    ({"scorer_release": "/nonexistent/release"}, "scorer_release: /nonexistent/release is not a scorer release"),
+    ({"scorer_recipe": None, "embed_model": "ViT-B-32", "scorer_release": str(ROOT / "scorers" / "micro")},
+     "scorer_release: only used with scorer_recipe"),
 ])
 def test_each_mistake_is_named_with_file_and_key(tmp_path: Path, change, message):
     path = _write(tmp_path, **change)

@@ -69,6 +69,26 @@ def test_a_scorer_of_the_same_micro_world_is_preferred_to_a_newer_one(tmp_path: 
     assert choice.info["key"] == "bbbb" and choice.same_world is None and "not a micro pool" in choice.describe()
 
 
+def test_a_released_scorer_is_matched_by_the_world_its_release_records(tmp_path: Path, cache: Path, caplog):
+    from datafilter.common.files import read_json
+    from datafilter.embed.choice import offline_scorer
+
+    other = _pool(tmp_path / "clean_other", EMOJI_NAMES, {**WORLD, "imagenet_classes": 1000}, "scorer")
+    _scorer(cache, "aaaa", other, "2024-01-01T00:00:00Z")
+    released = _scorer(cache, "bbbb", tmp_path / "not-built", "2023-01-01T00:00:00Z")
+    # installed from a release: its clean pool is not built here, its recipe's world is in scorer.json
+    write_json(cache / "scorer" / "bbbb" / "scorer.json", {
+        **released, "pool": None, "released": "scorers/nano", "recipe_settings": {"name": "scorer-nano", **WORLD}})
+    nano = Pool(_pool(tmp_path / "nano", EMOJI_NAMES[:5], WORLD, "nano"))
+    choice = choose_scorer(nano)
+    assert choice.info["key"] == "bbbb" and choice.same_world is True
+    assert "the clean pool of its release scorers/nano" in choice.describe() and "'scorer-nano'" in choice.describe()
+    with caplog.at_level(logging.INFO, logger="datafilter.embed.choice"):
+        offline_scorer(nano)
+    assert "it was released (scorers/nano)" in caplog.text and "is gone" not in caplog.text
+    assert read_json(cache / "scorer" / "bbbb" / "scorer.json")["pool"] is None
+
+
 def test_photo_captions_look_unlike_emoji_names_and_the_pool_itself_does_not(tmp_path: Path):
     clean = _pool(tmp_path / "clean", EMOJI_NAMES)
     own = caption_fit(Pool(_pool(tmp_path / "own", EMOJI_NAMES[::-1])), clean)

@@ -84,3 +84,53 @@ def test_checkpoints_are_checked_against_the_model_name_and_read_weights_only(tm
     with pytest.raises(CheckpointError, match="not a loadable weights-only checkpoint"):
         load_model(ModelSpec("datafilter-nano-vit", checkpoint=str(evil)))
     assert "code ran" not in capfd.readouterr().out
+
+
+def test_a_released_scorer_is_used_only_for_the_recipe_it_was_trained_from(tmp_path, monkeypatch, caplog):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from datafilter.micro.recipe import load_recipe
+    from datafilter.train.scorer import ReleaseError, read_release, release_scorer, use_release
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = root / "pools" / "scorer-nano.yaml"
+    pool = write_toy_pool(tmp_path / "pool", n=96, shard_size=32)
+    # the toy pool stands for the one the recipe builds: a micro build records the recipe it was built from
+    (pool / "build.json").write_text(json.dumps({"recipe_settings": json.loads(json.dumps(
+        load_recipe(recipe).to_dict()))}))
+    suite = write_toy_suite(tmp_path / "suite")
+    info = train_scorer(pool, suite, tiny_recipe(), threads=1)
+
+    release = release_scorer(tmp_path / "release", recipe, key=info["key"])
+    assert release["checkpoint_sha256"] == info["checkpoint_sha256"] == sha256_file(tmp_path / "release" / "scorer.pt")
+    assert str(tmp_path) not in (tmp_path / "release" / "scorer.json").read_text()  # no path of this machine
+    other_recipe = tmp_path / "other.yaml"
+    other_recipe.write_text(recipe.read_text().replace("\nseed: 1\n", "\nseed: 2\n"))
+    with pytest.raises(ReleaseError, match="not built from"):
+        release_scorer(tmp_path / "bad", other_recipe, key=info["key"])
+
+    # On a machine with an empty cache: installed under the key training would give it, with its stored
+    # zero-shot results (same checkpoint, same suite), so nothing is trained or evaluated.
+    monkeypatch.setenv("DATAFILTER_CACHE", str(tmp_path / "other-cache"))
+    used = use_release(tmp_path / "release", recipe, tiny_recipe(), suite)
+    assert used["key"] == info["key"] and used["path"] == str(tmp_path / "other-cache" / "scorer" / info["key"])
+    assert sha256_file(Path(used["path"]) / used["checkpoint"]) == info["checkpoint_sha256"]
+    assert used["zeroshot"]["tasks"] == info["zeroshot"]["tasks"] and used["released"] == str(tmp_path / "release")
+    assert not (Path(used["path"]) / "zeroshot.json").exists()
+    assert default_scorer_spec().checkpoint == str(Path(used["path"]) / "scorer.pt")
+
+    # Another training recipe or clean-pool recipe: not used, and the log says what differs.
+    with caplog.at_level("WARNING", logger="datafilter.train.scorer"):
+        assert use_release(tmp_path / "release", recipe, tiny_recipe(seed=1)) is None
+        assert use_release(tmp_path / "release", other_recipe, tiny_recipe()) is None
+    assert "its training recipe differs" in caplog.text and "its clean-pool recipe differs" in caplog.text
+
+    # A damaged copy (a partial download, a Git LFS pointer) is refused, naming the file.
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "release", broken)
+    (broken / "scorer.pt").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(ReleaseError, match="sha256 differs"):
+        read_release(broken)
+    assert read_release(broken, check_checkpoint=False)["key"] == info["key"]

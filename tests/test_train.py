@@ -19,7 +19,8 @@ from datafilter.evaluate import evaluate_suite, load_suite
 from datafilter.models import ModelSpec, load_model, read_checkpoint
 from datafilter.pool import Pool
 from datafilter.train import SCALES, TrainConfig, lr_at, read_metrics, scale_config, train
-from datafilter.train.data import StepBatches, decoded_pool, draw_rows, subset_rows
+from datafilter.pool.pool import PoolError
+from datafilter.train.data import StepBatches, decoded_pool, draw_rows, subset_rows, tokenized_pool
 from datafilter.train.loop import RunMismatchError
 from datafilter.train.transforms import JitterAugment
 from test_evaluate import write_toy_suite
@@ -165,6 +166,44 @@ def test_two_ranks_split_the_global_batch(toy_pool):
     assert torch.equal(torch.cat([h.tokens for h in halves]), one.tokens)
     # augmentation really changes pixels: the same row drawn twice in a batch differs by its jitter
     assert one.images.std() > 0
+
+
+def test_captions_tokenized_once_per_pool_give_the_batches_tokenized_per_step(toy_pool, tmp_path):
+    pool = Pool(toy_pool)
+    cfg = nano(samples_seen=64 * 3)
+    rows, _ = subset_rows(pool, None)
+    per_step = _batches(toy_pool, cfg, rows)
+    tokens = tokenized_pool(pool, cfg.model, workers=2)
+    assert tokens.dtype == np.int32 and tokens.shape == (pool.num_samples, 16)
+    cached = StepBatches(rows=rows, texts=per_step.texts, images=per_step.images, valid=per_step.valid,
+                         tokenizer=None, augment=per_step.augment, seed=cfg.seed, batch_size_at=cfg.batch_size_at,
+                         steps=cfg.steps, rank=0, world_size=1, tokens=tokens)
+    for step in range(cfg.steps):
+        a, b = per_step[step], cached[step]
+        assert torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens) and a.tokens.dtype == b.tokens.dtype
+    # cached by pool and model: a second call reads the files, a changed file is not silently taken
+    marker = next((tmp_path / "cache" / "tokens").glob("*/*.npy"))
+    np.save(marker, np.load(marker)[:-1])
+    with pytest.raises(PoolError, match="delete it to tokenize again"):
+        tokenized_pool(pool, cfg.model)
+    # templates change the caption per draw: no pre-tokenized captions then
+    with pytest.raises(ValueError, match="caption templates"):
+        StepBatches(rows=rows, texts=per_step.texts, images=per_step.images, valid=per_step.valid, tokenizer=None,
+                    augment=JitterAugment(32, (0, 0, 0), (1, 1, 1), pad=2, colour=0.1, templates=("a {c}",)),
+                    seed=0, batch_size_at=cfg.batch_size_at, steps=1, rank=0, world_size=1, tokens=tokens)
+
+
+def test_prepare_data_fills_the_caches_the_in_memory_path_reads(toy_pool, tmp_path):
+    from datafilter.train.loop import prepare_data
+
+    cache = tmp_path / "cache"
+    shards = len(Pool(toy_pool).shards)
+    prepare_data(toy_pool, nano(data="stream"), workers=1)  # streamed runs read the shards: nothing to prepare
+    assert not list(cache.glob("decoded/*/*")) and not list(cache.glob("tokens/*/*"))
+    prepare_data(toy_pool, nano(caption_templates=("a {c}",)), workers=1)  # templates: images only
+    assert len(list(cache.glob("decoded/*/*.npz"))) == shards and not list(cache.glob("tokens/*/*"))
+    prepare_data(toy_pool, nano(), workers=2)
+    assert len(list(cache.glob("tokens/*-datafilter-nano-vit-*/*.npy"))) == shards
 
 
 def test_greyscale_and_low_resolution_augmentations():

@@ -50,6 +50,9 @@ class BenchConfig:
     # CLIP scores: the offline scorer trained on this clean-pool recipe, or an open_clip model given here.
     scorer_recipe: str | None = None
     scorer_samples_seen: int | None = None  # None: the scorer's own recipe (several times a micro run)
+    # A released scorer (``datafilter scorer release``) used instead of training when it is the one the recipe
+    # would train (``datafilter.train.scorer.use_release``).
+    scorer_release: str | None = None
     embed_model: str | None = None
     embed_pretrained: str | None = None
     embed_checkpoint: str | None = None
@@ -124,7 +127,7 @@ def _seeds(value: Any) -> str | None:
 # Each key of a benchmark config and the check of its value (None values mean "not given", as if absent).
 KEY_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "name": _name, "recipe": _text, "pool": _text, "suite": _text, "scorer_recipe": _text,
-    "scorer_samples_seen": _count, "embed_model": _text, "embed_pretrained": _text, "embed_checkpoint": _text,
+    "scorer_samples_seen": _count, "scorer_release": _text, "embed_model": _text, "embed_pretrained": _text, "embed_checkpoint": _text,
     "scale": _text, "samples_seen": _count, "seeds": _seeds, "train": _flag, "published": _text,
 }
 FILTER_KEYS = ("label", "name", "params", "published")

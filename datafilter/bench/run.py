@@ -4,7 +4,8 @@ Stages and where they keep their output (``WORK`` = ``--work``, default ``work``
 
     pool       WORK/pools/RECIPE-HASH/                 (per-shard resume inside)
     suite      WORK/suites/RECIPE-HASH/
-    scorer     $DATAFILTER_CACHE/scorer/KEY/            (keyed by the clean pool and the scorer recipe)
+    scorer     $DATAFILTER_CACHE/scorer/KEY/            (keyed by the clean pool and the scorer recipe; a matching
+                                                        release is installed there instead of training one)
     embed      POOL/embeddings/SPACE/                   (per-shard resume inside)
     filter     WORK/bench/NAME/subsets/SLUG.npy         (+ .json sidecar; redone only if its parameters change)
     report     WORK/bench/NAME/subsets/SLUG.report.json (noise removed: precision and recall per noise type)
@@ -100,11 +101,15 @@ def _scorer_spec(cfg: BenchConfig, work: Path, suite: Path, workers: int, thread
 
     if cfg.embed_model:
         return ModelSpec(cfg.embed_model, pretrained=cfg.embed_pretrained, checkpoint=cfg.embed_checkpoint)
-    from datafilter.train.scorer import scorer_config, train_scorer
+    from datafilter.train.scorer import scorer_config, train_scorer, use_release
 
-    clean = _built_pool(cfg.scorer_recipe, work, workers)
-    info = train_scorer(clean, suite, scorer_config(samples_seen=cfg.scorer_samples_seen), threads=threads,
-                        retrain=redo)
+    recipe = scorer_config(samples_seen=cfg.scorer_samples_seen)
+    info = None
+    if cfg.scorer_release and not redo:  # the released scorer stands in for the one the recipe would train
+        info = use_release(cfg.scorer_release, cfg.scorer_recipe, recipe, suite)
+    if info is None:
+        clean = _built_pool(cfg.scorer_recipe, work, workers)
+        info = train_scorer(clean, suite, recipe, threads=threads, retrain=redo)
     return ModelSpec(info["model"], checkpoint=str(Path(info["path"]) / info["checkpoint"]))
 
 
@@ -239,7 +244,7 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
         return summary
 
     progress.stage("train + evaluate")
-    from datafilter.bench.runs import RunJob, plan_parallel, run_all
+    from datafilter.bench.runs import RunJob, finished_row, plan_parallel, run_all
     from datafilter.evaluate.suite import load_suite
     from datafilter.pool import Pool
     from datafilter.train.config import scale_config
@@ -263,6 +268,10 @@ def run_bench(cfg: BenchConfig, work: str | Path = "work", *, workers: int = 2, 
             shutil.rmtree(job.run_dir, ignore_errors=True)
         elif "evaluate" in redo:
             (Path(job.run_dir) / "eval.json").unlink(missing_ok=True)
+    if any(finished_row(job, suite.suite_id) is None for job in jobs):
+        from datafilter.train.loop import prepare_data
+
+        prepare_data(pool_dir, jobs[0].train_cfg, workers)  # once, with every core, before runs side by side
     progress.start_runs(len(jobs), side_by_side)
     log.info("%d training runs (%d filters x %d seeds), %d at a time with %s thread(s) each", len(jobs),
              len(cfg.filters), len(cfg.seeds), side_by_side, per_run or "all free")

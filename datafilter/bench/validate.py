@@ -108,6 +108,16 @@ def _model_problems(cfg: BenchConfig) -> list[str]:
         out.append(f"embed_checkpoint: checkpoint not found: {cfg.embed_checkpoint}")
     if cfg.scorer_samples_seen is not None and not cfg.scorer_recipe:
         out.append("scorer_samples_seen: only used with scorer_recipe (the offline scorer's training budget)")
+    if cfg.scorer_release is not None:
+        from datafilter.train.scorer import ReleaseError, read_release
+
+        if not cfg.scorer_recipe:
+            out.append("scorer_release: only used with scorer_recipe (the recipe the release must have been "
+                       "trained from)")
+        try:  # the files only: whether it matches the recipe is decided (and said) when the scorer stage runs
+            read_release(cfg.scorer_release, check_checkpoint=False)
+        except ReleaseError as exc:
+            out.append(f"scorer_release: {exc}")
     return out
 
 

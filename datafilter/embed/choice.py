@@ -53,8 +53,9 @@ class ScorerChoice:
 
     def describe(self) -> str:
         info = self.info
-        pool = info.get("pool", "?")
-        recipe = build_recipe(Path(pool)) if pool != "?" else None
+        pool = info.get("pool") or (f"the clean pool of its release {info['released']}" if info.get("released")
+                                    else "?")
+        recipe = scorer_recipe(info)
         named = f", recipe {recipe['name']!r}" if recipe and recipe.get("name") else ""
         of = f"the newest of {self.candidates}" if self.candidates > 1 else "the only one"
         why = {True: f"{of} cached scorer(s) trained on this pool's micro world",
@@ -73,6 +74,12 @@ def build_recipe(pool_dir: Path) -> dict[str, Any] | None:
     return settings if isinstance(settings, dict) else None
 
 
+def scorer_recipe(info: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe of a scorer's clean pool: from the pool's ``build.json``, or, for a released scorer whose pool is
+    not built here, as its release recorded it."""
+    return (build_recipe(Path(info["pool"])) if info.get("pool") else None) or info.get("recipe_settings")
+
+
 def _world(recipe: dict[str, Any] | None) -> tuple | None:
     if recipe is None:
         return None
@@ -89,7 +96,7 @@ def choose_scorer(pool: Pool, scorers: list[dict[str, Any]] | None = None) -> Sc
     if not usable:
         default_scorer_spec()  # raises with the message that says how to train one
     mine = _world(build_recipe(pool.path))
-    same = [s for s in usable if mine is not None and _world(build_recipe(Path(s.get("pool", "")))) == mine]
+    same = [s for s in usable if mine is not None and _world(scorer_recipe(s)) == mine]
     pick = (same or usable)[-1]  # list_scorers is oldest first
     same_world = None if mine is None else bool(same)
     spec = ModelSpec(pick["model"], checkpoint=str(Path(pick["path"]) / pick["checkpoint"]))
@@ -167,8 +174,11 @@ def offline_scorer(pool: Pool) -> ModelSpec:
     pool's captions look unlike its training captions."""
     choice = choose_scorer(pool)
     log.info("no --model given: using the offline %s", choice.describe())
-    fit = caption_fit(pool, choice.info.get("pool", ""))
-    if fit is None:
+    fit = caption_fit(pool, choice.info["pool"]) if choice.info.get("pool") else None
+    if fit is None and choice.info.get("released"):
+        log.info("not comparing %s's captions with the scorer's training captions: it was released (%s) and its "
+                 "clean pool is not built here", pool.path, choice.info["released"])
+    elif fit is None:
         log.warning("cannot compare %s's captions with the scorer's training captions: its clean pool %s is gone",
                     pool.path, choice.info.get("pool"))
     elif fit.unlike:

@@ -103,6 +103,14 @@ def create_model(name: str, seed: int = 0, pretrained: str | None = None, device
     return model, train_tf, eval_tf, open_clip.get_tokenizer(name)
 
 
+def tokenizer_for(name: str):
+    """The open_clip tokenizer of model ``name`` (its context length included), without building the model."""
+    import open_clip
+
+    _register_project_configs()
+    return open_clip.get_tokenizer(name)
+
+
 class _DropRandomInitWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("No pretrained weights loaded for model")

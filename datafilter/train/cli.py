@@ -1,4 +1,5 @@
-"""``datafilter train`` (fixed-budget CLIP training) and ``datafilter scorer train|eval|list`` (the offline scorer)."""
+"""``datafilter train`` (fixed-budget CLIP training) and ``datafilter scorer train|eval|list|release`` (the offline
+scorer)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,18 @@ def register(commands) -> None:
 
     p = commands.subcommand("scorer", SCORER_HELP, "list", "list the cached scorers, oldest first")
     p.set_defaults(func=_scorer_list)
+
+    p = commands.subcommand("scorer", SCORER_HELP, "release", "copy a cached scorer into a folder to ship",
+                            description="Copy a cached scorer (its weights, recipe and zero-shot results) into OUT, "
+                                        "with the clean-pool\nrecipe it was trained from, after checking that the "
+                                        "recipe builds its pool. A benchmark config's\nscorer_release then uses it "
+                                        "instead of training one (see docs/scorer.md).")
+    p.add_argument("out", help="release folder to write (e.g. scorers/micro)")
+    p.add_argument("--recipe", required=True, help="the clean-pool recipe the scorer was trained from "
+                                                   "(e.g. pools/scorer.yaml)")
+    p.add_argument("--key", help="scorer cache key or a unique prefix (default: the newest)")
+    p.add_argument("--pool", help="the clean pool built from --recipe (default: the one the scorer records)")
+    p.set_defaults(func=_scorer_release)
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -131,4 +144,13 @@ def _scorer_list(args: argparse.Namespace) -> int:
         avg = (s.get("zeroshot") or {}).get("groups", {}).get("Average")
         print(f"{s['key']}  {s['created']}  {s['model']}  pool {s['pool_id']}  "
               f"{s['config']['samples_seen']:,} samples  average {'-' if avg is None else f'{100 * avg:.2f}%'}")
+    return 0
+
+
+def _scorer_release(args: argparse.Namespace) -> int:
+    from datafilter.train.scorer import release_scorer
+
+    info = release_scorer(args.out, args.recipe, key=args.key, pool_dir=args.pool)
+    print(f"released scorer {info['key']} ({info['model']}, sha256 {info['checkpoint_sha256'][:16]}) trained from "
+          f"{args.recipe} -> {info['path']}")
     return 0
